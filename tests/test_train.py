@@ -1,0 +1,140 @@
+""" train.py end to end on the built-in digits, YAML configs, and bad input. """
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+# A small, fast run: a tenth of the digits, a small timm CNN with BatchNorm.
+FAST = ['--model', 'resnet10t', '--img-size', '32', '--train-subset', '0.1', '-b', '16', '--epochs', '1',
+        '--workers', '0', '--hflip', '0', '--lr', '0.05', '--warmup-epochs', '0']
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """ Each in-process run builds its own Accelerator. """
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run_train(tmp_path, *argv):
+    """ Run train.py in a subprocess, as a user does. """
+    cmd = [sys.executable, str(ROOT / 'train.py'), *argv, '--output', str(tmp_path)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_epoch_end_to_end(tmp_path):
+    proc = run_train(tmp_path, *FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'g',
+                     '--experiment', 'run')
+    assert proc.returncode == 0, proc.stderr
+    assert 'Validation top-1 accuracy:' in proc.stdout
+    run_dir = tmp_path / 'run'
+    rows = read_summary(run_dir)
+    assert len(rows) == 1
+    assert list(rows[0])[:7] == ['epoch', 'train_loss', 'train_skipped', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    assert 0.0 <= float(rows[0]['eval_top1']) <= 100.0
+    saved_args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    assert saved_args['opt'] == 'gmix_sam' and saved_args['mixup_mode'] == 'g'
+    assert (run_dir / 'checkpoint-0' / 'model.safetensors').is_file()
+
+    # The exported folder loads with timm's local-dir: and predicts as the checkpointed weights do.
+    exported = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval()
+    reference = timm.create_model('resnet10t', num_classes=10).eval()
+    from safetensors.torch import load_file
+    reference.load_state_dict(load_file(run_dir / 'checkpoint-0' / 'model.safetensors'))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(exported(x), reference(x), rtol=0, atol=0)
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    config = tmp_path / 'preset.yaml'
+    config.write_text(yaml.safe_dump({'model': 'resnet10t', 'img_size': 32, 'train_subset': 0.1,
+                                      'batch_size': 16, 'epochs': 3, 'workers': 0, 'opt': 'sgd', 'mixup': 0.0}))
+    train.main(['-c', str(config), '--epochs', '1', '--output', str(tmp_path), '--experiment', 'cfg'])
+    args = yaml.safe_load((tmp_path / 'cfg' / 'args.yaml').read_text())
+    assert args['model'] == 'resnet10t' and args['opt'] == 'sgd'
+    assert args['epochs'] == 1  # the flag wins over the file
+    assert len(read_summary(tmp_path / 'cfg')) == 1
+
+
+@pytest.mark.parametrize('config', sorted(p.name for p in (ROOT / 'configs').glob('digits*.yaml')))
+def test_digits_presets_parse(config):
+    args = train.parse_args(['-c', str(ROOT / 'configs' / config)])
+    assert args.dataset == 'digits'
+
+
+def _bad_input(capsys, tmp_path, argv, *expected):
+    """ train.py exits with status 2 and one line naming the problem, before any training. """
+    with pytest.raises(SystemExit) as exit_info:
+        train.main_guard(lambda: train.main([*argv, '--output', str(tmp_path)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
+    for word in expected:
+        assert word in err, err
+    assert not any(tmp_path.rglob('summary.csv')), 'training started'
+
+
+BAD_INPUT = {
+    'unknown optimizer': (['--opt', 'sgdd'], 'unknown optimizer', 'sgdd'),
+    'unknown SAM base': (['--sam-base', 'nope'], 'unknown optimizer', '--sam-base'),
+    'unknown mixup mode': (['--mixup', '0.8', '--mixup-mode', 'foo'], 'foo', 'choose from'),
+    'bg without SAM': (['--opt', 'sgd', '--mixup', '0.8', '--mixup-mode', 'bg'], '--opt gmix_sam'),
+    'odd batch with mixing': (['--mixup', '0.8', '-b', '15'], 'even', '15'),
+    'rho zero': (['--rho', '0'], '--rho'),
+    'rho negative': (['--rho', '-0.1'], '--rho'),
+    'gamma above 1': (['--mixup', '0.8', '--mixup-mode', 'dg', '--gmix-ratio', '1.5'], '--gmix-ratio'),
+    'num classes disagree': (['--num-classes', '7'], '--num-classes 7', '10 classes'),
+    'missing checkpoint': (['--resume', '/nonexistent/checkpoint-3'], 'no checkpoint'),
+    'unknown model': (['--model', 'resnet_does_not_exist'], 'unknown model'),
+    'image size too small': (['--model', 'test_vit', '--img-size', '30'], 'cannot take'),
+    'batch larger than data': (['-b', '512'], 'fewer than one batch'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUT))
+def test_bad_input_is_one_clear_line(case, capsys, tmp_path):
+    argv, *expected = BAD_INPUT[case]
+    _bad_input(capsys, tmp_path, [*FAST, *argv], *expected)
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    config = tmp_path / 'bad.yaml'
+    config.write_text('model: resnet10t\nmixup_alpha: 0.4\n')
+    _bad_input(capsys, tmp_path, ['-c', str(config)], 'mixup_alpha', str(config))
+
+
+def test_missing_and_corrupt_config(capsys, tmp_path):
+    _bad_input(capsys, tmp_path, ['-c', str(tmp_path / 'none.yaml')], 'does not exist')
+    config = tmp_path / 'corrupt.yaml'
+    config.write_text('model: [resnet\n')
+    _bad_input(capsys, tmp_path, ['-c', str(config)], 'not valid YAML')
+
+
+def test_labels_out_of_range(capsys, tmp_path):
+    import datasets
+    from PIL import Image
+    images = [Image.new('RGB', (8, 8), (i * 20, 0, 0)) for i in range(8)]
+    split = datasets.Dataset.from_dict({'image': images, 'label': [0, 1, 2, 3, 0, 1, 2, -1]},
+                                       features=datasets.Features({'image': datasets.Image(),
+                                                                   'label': datasets.Value('int64')}))
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(tmp_path / 'data')
+    capsys.readouterr()
+    _bad_input(capsys, tmp_path, [*FAST, '--dataset', str(tmp_path / 'data'), '-b', '4'], 'labels', '-1')
