@@ -46,7 +46,8 @@ class MixedBatch:
     @property
     def mixes_two_classes(self) -> torch.Tensor:
         """ Per example: a real mix (lam < 1) of two different classes. """
-        return (self.lam < 1) & (self.labels != self.labels[self.partner])
+        differ = self.labels != self.labels[self.partner]
+        return (self.lam < 1) & (differ.flatten(1).any(1) if differ.ndim > 1 else differ)
 
     def descent_batch(self, flagged: torch.Tensor, mode: str):
         """ Inputs, targets and loss weights of the descent pass.
@@ -118,8 +119,9 @@ class GMixup(Mixup):
         keep_clean = self.gmix_mode in ('bg', 'dg')
         clean = x.clone() if keep_clean else None
         lam = self._mix(x)
-        soft_target = mixup_target(target, self.num_classes, lam, self.label_smoothing)
+        soft_target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
         lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).flatten().expand(len(x))
-        clean_target = mixup_target(target, self.num_classes, 1.0, self.label_smoothing) if keep_clean else None
+        clean_target = mixup_target(target, self.num_classes, 1.0, self.label_smoothing, self.multi_label) \
+            if keep_clean else None
         return MixedBatch(x, soft_target, target, lam, clean, clean_target)
 

@@ -49,7 +49,14 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = create_optimizer_v2(params, opt=base, **base_kwargs)
         # Registering the base's own group dicts makes every change (LR schedule, layer decay) seen by both.
         super().__init__(self.base_optimizer.param_groups, dict(rho=rho, adaptive=adaptive))
+        self._link_base()
+        self._saved = {}  # w during a step, keyed by parameter
+
+    def _link_base(self):
+        # One set of groups and one state: LR schedules reach the base, and what a wrapper such as
+        # Lookahead keeps in `state` lands in the base's state_dict.
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -72,7 +79,7 @@ class SAM(torch.optim.Optimizer):
             for p in group['params']:
                 if p.grad is None:
                     continue
-                self.state[p]['w'] = p.detach().clone()
+                self._saved[p] = p.detach().clone()
                 e = p.grad * scale.to(p.device)
                 if group['adaptive']:
                     e.mul_(p.square())
@@ -81,10 +88,9 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self):
         """ Copy the saved w back (subtracting e would drift, and DDP replicas would diverge). """
-        for group in self.param_groups:
-            for p in group['params']:
-                if 'w' in self.state[p]:
-                    p.copy_(self.state[p].pop('w'))
+        for p, w in self._saved.items():
+            p.copy_(w)
+        self._saved.clear()
 
     def step(self, closure=None):
         if closure is None:
@@ -103,8 +109,8 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         self.base_optimizer.load_state_dict(state_dict)
-        # The base replaces its group dicts on load: re-link, or the LR schedule stops reaching it.
-        self.param_groups = self.base_optimizer.param_groups
+        # The base replaces its groups and state on load: re-link, or the LR schedule stops reaching it.
+        self._link_base()
 
 
 def find_sam(optimizer) -> Optional[SAM]:

@@ -10,7 +10,7 @@ import torch
 
 
 def num_flagged(batch_size: int, gamma: float) -> int:
-    """ ceil(gamma * B), robust to float error (0.3 * 10 is 3, not 4). """
+    """ ceil(gamma * B), robust to float error (0.07 * 100 is 7.000000000000001: 7, not 8). """
     return math.ceil(round(gamma * batch_size, 9))
 
 

@@ -150,8 +150,11 @@ def gmix_step(
         if not bool(ok):
             stepper.zero_grad(set_to_none=True)
             if scaler is not None:
-                # The ascent overflowed at this loss scale: lower it as an overflow in the descent would.
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                # The ascent overflowed at this loss scale: back off (and restart growth) as GradScaler
+                # does for an overflow in the step it checks.
+                state = scaler.state_dict()
+                state.update(scale=scaler.get_scale() * scaler.get_backoff_factor(), _growth_tracker=0)
+                scaler.load_state_dict(state)
             return result
         sam.perturb(grad_norm)
         stepper.zero_grad(set_to_none=True)
