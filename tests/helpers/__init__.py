@@ -1,0 +1,80 @@
+""" Helpers shared by tests/test_distributed.py and tests/test_resume.py: train.py's small runs, the
+two-process CPU launch through Accelerate, and reading what a run leaves on disk. """
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / 'tests' / 'scripts'
+
+# A small, fast train.py run: a tenth of the digits (108 images), a small timm CNN with BatchNorm.
+SMALL_RUN = ['--model', 'resnet10t', '--img-size', '32', '--train-subset', '0.1', '-b', '16', '--workers', '0']
+DG_MIX = ['--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg']
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    # One thread per process: the tests share two cores with other work.
+    return {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def accelerate_launch(*script_and_args, mixed_precision='no', timeout=300) -> subprocess.CompletedProcess:
+    """ Two CPU processes through Accelerate (gloo). Without ACCELERATE_USE_CPU=1 this would silently
+    run two separate single-process jobs. """
+    cmd = [sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--multi_gpu',
+           '--num_processes', '2', '--num_machines', '1', '--mixed_precision', mixed_precision,
+           '--dynamo_backend', 'no', '--main_process_port', str(free_port()), *map(str, script_and_args)]
+    env = {**subprocess_env(), 'ACCELERATE_USE_CPU': '1'}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train_module():
+    """ The train.py module (for monkeypatching what it calls). """
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train
+    return train
+
+
+def train_main(argv):
+    """ train.main(argv) in this process, with Accelerate's process-wide state fresh before and after. """
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    try:
+        return train_module().main(list(map(str, argv)))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def read_summary(run_dir) -> list:
+    with open(Path(run_dir) / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same(a, b, where='state'):
+    """ Nested dicts/lists/tuples of tensors and plain values are exactly equal (tensors bit for bit). """
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f'{where}: keys {sorted(a)} != {sorted(b)}'
+        for key in a:
+            assert_same(a[key], b[key], f'{where}[{key!r}]')
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{i}]')
+    else:
+        assert a == b, f'{where}: {a!r} != {b!r}'
