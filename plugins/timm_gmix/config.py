@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='digits',
-                       help='"digits" (built in), "hfds/<name or path>", a save_to_disk folder, or "folder"')
-    group.add_argument('--data-dir', default=None, help='image folder with split subfolders (or data for hfds/)')
+                       help='"digits" (built in), "hfds/<Hub name or local folder>", a folder with the data '
+                            '(save_to_disk, parquet, csv, images), or "folder" with --data-dir')
+    group.add_argument('--data-dir', default=None,
+                       help='--dataset folder: image folder DIR/<split>/<class>/<image>; hfds/: download cache')
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='validation')
-    group.add_argument('--image-column', default='image')
-    group.add_argument('--label-column', default='label')
+    group.add_argument('--image-column', '--input-key', default='image', help='column of the images')
+    group.add_argument('--label-column', '--target-key', default='label', help='column of the class labels')
     group.add_argument('--train-subset', type=float, default=None,
                        help='train on this fraction (0-1] of the training split (fixed by --seed)')
     group.add_argument('-j', '--workers', type=int, default=2)
@@ -95,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--ratio', type=float, nargs=2, default=None)
     group.add_argument('--color-jitter', type=float, default=0.4)
     group.add_argument('--aa', default=None, help='AutoAugment policy, e.g. rand-m9-mstd0.5')
-    group.add_argument('--reprob', type=float, default=0.0)
+    group.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    group.add_argument('--remode', default='pixel', help='random erasing mode (timm: const, rand, pixel)')
+    group.add_argument('--recount', type=int, default=1, help='random erasing count')
     group.add_argument('--interpolation', default='')
     group.add_argument('--crop-pct', type=float, default=None)
     group.add_argument('--smoothing', type=float, default=0.1)

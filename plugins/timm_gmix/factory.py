@@ -1,0 +1,112 @@
+""" What train.py builds from its arguments: the timm model (random, Hub, local file or local folder
+weights), the optimizer (timm's factory, with SAM's arguments for gmix_sam) and the mixing function.
+
+Each takes train.py's parsed arguments, so a preset can be checked without running it.
+"""
+from pathlib import Path
+
+import timm
+import torch
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+from .config import UsageError, is_sam, mixing_enabled
+from .mixup import GMixup
+
+
+def create_model(args, num_classes: int):
+    """ The timm model: random init, or pretrained weights (`--pretrained` from the Hub, `--pretrained-path`
+    file, `local-dir:` folder). timm replaces the classifier head by a fresh one when `num_classes` differs
+    from the weights'; the rest of the network starts from the weights. """
+    pretrained = args.pretrained or args.pretrained_path is not None
+    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                  in_chans=args.in_chans, **args.model_kwargs)
+    if args.model.startswith('local-dir:') and not (Path(args.model[len('local-dir:'):]) / 'config.json').is_file():
+        raise UsageError(f'--model {args.model}: no config.json in that folder; give a folder that train.py '
+                         f'exported (OUTPUT/EXPERIMENT/model) or that timm.models.save_for_hf wrote')
+    if args.pretrained_path is not None:
+        kwargs['pretrained_cfg_overlay'] = weights_file_cfg(args.model, args.pretrained_path)
+    weights = args.pretrained_path or 'pretrained weights'
+    try:
+        return timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise UsageError(f'unknown model {args.model!r}: pick a name from timm.list_models(), '
+                             f'hf-hub:<repo> or local-dir:<folder>')
+        if not pretrained:
+            raise
+        if args.pretrained_path is not None or args.model.startswith('local-dir:'):
+            raise UsageError(f'{weights} do not fit {args.model} ({first_sentence(e)}): '
+                             f'pass the --model that the weights were saved from')
+        raise UsageError(f'could not load {weights} for {args.model} ({first_sentence(e)}); '
+                         f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
+    except (OSError, ValueError) as e:
+        if not pretrained:
+            raise
+        raise UsageError(f'could not get {weights} for {args.model} ({first_sentence(e)}); '
+                         f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
+
+
+def first_sentence(error) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split('. ')[0].rstrip('.')
+
+
+def weights_file_cfg(model_name: str, path) -> dict:
+    """ timm's `pretrained_cfg_overlay` for a local weights file.
+
+    timm keeps a file's classifier only when `num_classes` equals the pretrained config's (1000 for most
+    models), so a head saved with the very number of classes being trained would be dropped too. The
+    overlay gives the file's own number of classes: a head that fits is loaded, one that does not is
+    replaced by a fresh one. """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f'--pretrained-path {path} does not exist: give a .safetensors file')
+    overlay = dict(file=str(path))
+    if path.suffix != '.safetensors':
+        return overlay
+    from safetensors import SafetensorError, safe_open
+    try:
+        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    except Exception:  # hf-hub: / local-dir: names: timm's own rule applies
+        pretrained_cfg = None
+    classifiers = getattr(pretrained_cfg, 'classifier', None) or ()
+    try:
+        with safe_open(str(path), 'pt') as f:
+            keys = set(f.keys())
+            for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+                if f'{name}.weight' in keys:
+                    overlay.update(num_classes=f.get_slice(f'{name}.weight').get_shape()[0], label_offset=0)
+                    break
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f'--pretrained-path {path} is not a readable safetensors file ({first_sentence(e)}): '
+                         f'save weights with safetensors.torch.save_file(model.state_dict(), path)')
+    return overlay
+
+
+def check_input_size(model, args, input_size):
+    """ One tiny forward before training, so a size the model cannot take is one clear line. """
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UsageError(f'model {args.model} cannot take {input_size[1]}x{input_size[2]} images '
+                         f'({str(e).splitlines()[0]}): change --img-size or pass --model-kwargs img_size=N')
+
+
+def create_optimizer(args, model):
+    """ timm's optimizer factory with train.py's flags (layer decay included); for gmix_sam also the base
+    optimizer, rho and ASAM. """
+    sam_args = dict(base=args.sam_base, rho=args.rho, adaptive=args.asam) if is_sam(args.opt) else {}
+    return create_optimizer_v2(model, **optimizer_kwargs(args), **sam_args)
+
+
+def create_mixup(args, num_classes: int):
+    """ The mixing function (timm's Mixup with the G-Mix modes), or None when mixing is off. """
+    if not mixing_enabled(args):
+        return None
+    return GMixup(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        lam_mode=args.lam_mode, gmix_ratio=args.gmix_ratio, gmix_flag=args.gmix_flag,
+        label_smoothing=args.smoothing, num_classes=num_classes)
