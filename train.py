@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ timm-style image classification training with G-Mix, BG-Mix and DG-Mix, on Hugging Face Accelerate.
 
-    python train.py                                  # configs/digits.yaml: G-Mix on the built-in digits
+    python train.py                                  # G-Mix on the built-in digits (configs/digits.yaml)
     python train.py -c configs/digits_dg.yaml --epochs 5
     accelerate launch train.py --opt gmix_sam --mixup 0.8 --mixup-mode dg --model resnet50 ...
 
@@ -13,21 +13,20 @@ import time
 from functools import partial
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, set_seed
-from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, accuracy, update_summary
 from tqdm import tqdm
 
-from timm_gmix import GMixup, SensitivityMeter, cross_entropy_per_example, gmix_step
+from timm_gmix import SensitivityMeter, cross_entropy_per_example, gmix_step
 from timm_gmix.checkpoint import export_model, load_checkpoint, resolve_checkpoint, save_checkpoint, trim_summary
-from timm_gmix.config import UsageError, is_sam, main_guard, mixed_precision, mixing_enabled, parse_args
+from timm_gmix.config import UsageError, main_guard, mixed_precision, parse_args
 from timm_gmix.data import load_splits, with_transforms
+from timm_gmix.factory import check_input_size, create_mixup, create_model, create_optimizer
 
 DEFAULT_CONFIG = Path(__file__).parent / 'configs' / 'digits.yaml'
 
@@ -47,42 +46,6 @@ class TrainState:
     def load_state_dict(self, state):
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def create_model(args, num_classes):
-    pretrained = args.pretrained or args.pretrained_path is not None
-    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                  in_chans=args.in_chans, **args.model_kwargs)
-    if args.pretrained_path is not None:
-        if not Path(args.pretrained_path).is_file():
-            raise UsageError(f'--pretrained-path {args.pretrained_path} does not exist: give a .safetensors file')
-        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
-    try:
-        return timm.create_model(args.model, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise UsageError(f'unknown model {args.model!r}: pick a name from timm.list_models(), '
-                             f'hf-hub:<repo> or local-dir:<folder>')
-        if not pretrained:
-            raise
-        raise UsageError(f'could not load pretrained weights for {args.model} ({str(e).splitlines()[0]}); '
-                         f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
-    except (OSError, ValueError) as e:
-        if not pretrained:
-            raise
-        raise UsageError(f'could not get pretrained weights for {args.model} ({str(e).splitlines()[0]}); '
-                         f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
-
-
-def check_input_size(model, args, input_size):
-    """ One tiny forward before training, so a size the model cannot take is one clear line. """
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, *input_size))
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise UsageError(f'model {args.model} cannot take {input_size[1]}x{input_size[2]} images '
-                         f'({str(e).splitlines()[0]}): change --img-size or pass --model-kwargs img_size=N')
 
 
 def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, scheduler, ema, state, accelerator, args):
@@ -132,11 +95,14 @@ def validate(model, loader, accelerator):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv or ['-c', str(DEFAULT_CONFIG)])
+    if not any(a.split('=')[0] in ('-c', '--config', '--dataset') for a in argv):
+        argv = ['-c', str(DEFAULT_CONFIG), *argv]  # the built-in digits train with their own preset
+    args = parse_args(argv)
     set_seed(args.seed)
     if args.resume:
         resolve_checkpoint(args.resume)
-    experiment = args.experiment or f'{args.model.split(":")[-1].replace("/", "-")}-{args.opt}-{args.mixup_mode}-{args.seed}'
+    model_name = Path(args.model.split(':', 1)[-1]).name  # hf-hub:timm/<name>, local-dir:<folder>
+    experiment = args.experiment or f'{model_name}-{args.opt}-{args.mixup_mode}-{args.seed}'
     run_dir = Path(args.output) / experiment
 
     train_split, val_split, num_classes = load_splits(args)
@@ -161,8 +127,7 @@ def main(argv=None):
                        persistent_workers=args.workers > 0)
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, args.validation_batch_size or args.batch_size, **loader_args)
-    sam_args = dict(base=args.sam_base, rho=args.rho, adaptive=args.asam) if is_sam(args.opt) else {}
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args), **sam_args)
+    optimizer = create_optimizer(args, model)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, device=accelerator.device) if args.model_ema else None
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     # timm schedulers are stepped by hand: Accelerate would step a prepared one once per process.
@@ -174,13 +139,7 @@ def main(argv=None):
         if accelerator.is_main_process:
             trim_summary(run_dir / 'summary.csv', state.epoch)
 
-    mixup_fn = None
-    if mixing_enabled(args):
-        mixup_fn = GMixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            lam_mode=args.lam_mode, gmix_ratio=args.gmix_ratio, gmix_flag=args.gmix_flag,
-            label_smoothing=args.smoothing, num_classes=num_classes)
+    mixup_fn = create_mixup(args, num_classes)
     loss_fn = partial(cross_entropy_per_example, smoothing=args.smoothing)
 
     if accelerator.is_main_process:
@@ -203,10 +162,12 @@ def main(argv=None):
         state.epoch = epoch
         if eval_metrics['top1'] > state.best_top1:
             state.best_top1, state.best_epoch = eval_metrics['top1'], epoch
-        save_checkpoint(accelerator, run_dir, epoch)
         lr = optimizer.param_groups[0]['lr']
         if accelerator.is_main_process:
+            # The row goes first: if the save below is interrupted, resuming from the previous checkpoint
+            # trims this row and repeats the epoch; the other order would lose the row for good.
             update_summary(epoch, train_metrics, eval_metrics, run_dir / 'summary.csv', lr=lr)
+        save_checkpoint(accelerator, run_dir, epoch)
         extra = ''.join(f' | {k} {v:.4g}' for k, v in train_metrics.items() if k not in ('loss', 'skipped'))
         accelerator.print(f'epoch {epoch + 1}/{num_epochs} | train loss {train_metrics["loss"]:.4f} | '
                           f'val loss {eval_metrics["loss"]:.4f} | val top1 {eval_metrics["top1"]:.2f}% | '

@@ -1,5 +1,6 @@
 """ train.py end to end on the built-in digits, YAML configs, and bad input. """
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -138,3 +139,16 @@ def test_labels_out_of_range(capsys, tmp_path):
     datasets.DatasetDict(train=split, validation=split).save_to_disk(tmp_path / 'data')
     capsys.readouterr()
     _bad_input(capsys, tmp_path, [*FAST, '--dataset', str(tmp_path / 'data'), '-b', '4'], 'labels', '-1')
+
+
+@pytest.mark.parametrize('mode', ['bg', 'dg'])
+@pytest.mark.parametrize('gamma', [0.25, 0.5])
+def test_one_epoch_bg_dg_logs_flagging(tmp_path, mode, gamma):
+    train.main([*FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', mode, '--gmix-ratio', str(gamma),
+                '--output', str(tmp_path), '--experiment', 'run'])
+    (row,) = read_summary(tmp_path / 'run')
+    # Every batch of 16 flags exactly ceil(gamma * 16) examples.
+    assert float(row['train_flagged_frac']) == gamma
+    flagged = (108 // 16) * math.ceil(gamma * 16)  # a tenth of the 1,078 training digits, full batches
+    assert 0 <= int(row['train_flagged_two_class']) <= flagged
+    assert float(row['train_sens_flagged']) >= float(row['train_sens_unflagged'])
