@@ -155,6 +155,7 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         train_metrics = train_one_epoch(epoch, model, optimizer, train_loader, mixup_fn, loss_fn, scheduler,
                                         ema, state, accelerator, args)
+        images_per_sec = len(train_loader) * args.batch_size * accelerator.num_processes / (time.time() - start)
         eval_metrics = validate(model, val_loader, accelerator)
         if ema is not None:
             eval_metrics.update({f'ema_{k}': v for k, v in validate(ema, val_loader, accelerator).items()})
@@ -171,7 +172,8 @@ def main(argv=None):
         extra = ''.join(f' | {k} {v:.4g}' for k, v in train_metrics.items() if k not in ('loss', 'skipped'))
         accelerator.print(f'epoch {epoch + 1}/{num_epochs} | train loss {train_metrics["loss"]:.4f} | '
                           f'val loss {eval_metrics["loss"]:.4f} | val top1 {eval_metrics["top1"]:.2f}% | '
-                          f'lr {lr:.3g} | skipped {train_metrics["skipped"]}{extra} | {time.time() - start:.1f}s')
+                          f'lr {lr:.3g} | skipped {train_metrics["skipped"]}{extra} | train {images_per_sec:.0f} img/s | '
+                          f'{time.time() - start:.1f}s')
 
     final = ema.module if ema is not None and args.export_ema else accelerator.unwrap_model(model)
     if accelerator.is_main_process:

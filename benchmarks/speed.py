@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                                  # resnet18, 32x32, batch 64
     python benchmarks/speed.py --model vit_tiny_patch16_224 --img-size 224 -b 32
+    python benchmarks/speed.py --overhead                       # train.py against a bare loop, digits data
 
 Every mode runs in this one process, on the same model (one copy each, same initial weights) and the same
 batch. Rounds are interleaved: each round times `--steps` steps of every mode, in a shuffled order, and the
@@ -11,6 +12,10 @@ profiler's memory timeline on the CPU.
 
 `naive_sam` is the textbook SAM loop with timm's Mixup, written here as the reference a user would write by
 hand; `g` is timm_gmix's step on the same mixed batch.
+
+`--overhead` measures train.py itself: its training images per second with SGD and timm's Mixup on the built-in
+digits (the rate it prints per epoch, validation and checkpointing excluded) against a bare loop over the same
+model, data pipeline and batch size, interleaved round by round.
 """
 import argparse
 import copy
@@ -115,6 +120,72 @@ def peak_memory(step, batch, device) -> float:
     return float(max(sum(s) for s in sizes))
 
 
+OVERHEAD_FLAGS = ['-c', 'configs/digits.yaml', '--opt', 'sgd', '--mixup', '0.8', '--mixup-mode', 'batch']
+
+
+def bare_loop_images_per_sec(model, optimizer, loader, mixup_fn) -> float:
+    """ One epoch of the loop a user writes by hand: mix, forward, backward, step. """
+    loss_fn = SoftTargetCrossEntropy()
+    start, images = time.perf_counter(), 0
+    for x, y in loader:
+        x, target = mixup_fn(x, y)
+        loss_fn(model(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        images += len(x)
+    return images / (time.perf_counter() - start)
+
+
+def train_py_images_per_sec(flags) -> float:
+    """ Run train.py (in this process) for two epochs; the rate it printed for the second. """
+    import contextlib
+    import io
+    import re
+    from accelerate.state import AcceleratorState
+    import train
+
+    AcceleratorState._reset_state(True)
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(out):
+        train.main([*flags, '--epochs', '2', '--warmup-epochs', '0', '--output', tmp])
+    return float(re.findall(r'train (\d+) img/s', out.getvalue())[-1])
+
+
+def overhead(args):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from timm_gmix.config import parse_args
+    from timm_gmix.data import load_splits, with_transforms
+
+    flags = [*OVERHEAD_FLAGS, '-b', str(args.batch_size), '--workers', '0']
+    cfg = parse_args(flags)
+    train_split, val_split, num_classes = load_splits(cfg)
+    model = timm.create_model(cfg.model, num_classes=num_classes).train()
+    train_set, _, _ = with_transforms(train_split, val_split, cfg, model)
+    loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True)
+    optimizer = create_optimizer_v2(model, opt='sgd', lr=cfg.lr, weight_decay=cfg.weight_decay)
+    mixup_fn = Mixup(mixup_alpha=cfg.mixup, label_smoothing=cfg.smoothing, num_classes=num_classes)
+    bare_loop_images_per_sec(model, optimizer, loader, mixup_fn)  # warm-up
+    bare, script = [], []
+    for _ in range(args.rounds):
+        bare.append(bare_loop_images_per_sec(model, optimizer, loader, mixup_fn))
+        script.append(train_py_images_per_sec(flags))
+    ratio = statistics.median(t / b for t, b in zip(script, bare))
+    lines = [
+        f'train.py against a bare loop: `{cfg.model}` {cfg.img_size}x{cfg.img_size} on the built-in digits, '
+        f'SGD + timm Mixup, batch {cfg.batch_size}, {args.rounds} interleaved rounds; '
+        f'cpu, {torch.get_num_threads()} threads, torch {torch.__version__}.',
+        '',
+        f'Command: `python benchmarks/speed.py {" ".join(sys.argv[1:])}`',
+        '',
+        '| loop | training images/s (median) |',
+        '| --- | ---: |',
+        f'| bare loop | {statistics.median(bare):.0f} |',
+        f'| train.py | {statistics.median(script):.0f} |',
+        f'| train.py / bare loop (median of per-round ratios) | {ratio:.3f} |',
+    ]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', default='resnet18')
@@ -128,8 +199,11 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--overhead', action='store_true', help="measure train.py's own overhead instead")
     parser.add_argument('--out', default=None, help='write the Markdown table here')
     args = parser.parse_args()
+    if args.overhead:
+        return write(overhead(args), args.out)
 
     device = torch.device(args.device)
     modes = build_modes(args, device)
@@ -174,10 +248,14 @@ def main():
         '| --- | ---: | ---: | ---: | ---: | ---: |',
         *[f'| {n} | {ms:.1f} | {a:.3f} | {b:.3f} | {c:.3f} | {m:.3f} |' for n, ms, a, b, c, m in rows],
     ]
+    write(lines, args.out)
+
+
+def write(lines, out):
     print('\n'.join(lines))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text('\n'.join(lines) + '\n')
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
