@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from torch.func import functional_call
 
 import timm_gmix  # noqa: F401  (registers the optimizer with timm)
@@ -49,6 +50,14 @@ def seed_all(seed=0):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """ Accelerate keeps process-wide state: each test that builds an Accelerator gets a fresh one. """
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture
@@ -171,8 +180,6 @@ def check_params():
 
 @pytest.fixture
 def accelerator():
-    """ A CPU Accelerator; its process-wide state is reset afterwards. """
+    """ A CPU Accelerator (fresh, by `fresh_accelerator_state`). """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from timm.data import RandomResizedCropAndInterpolation
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
@@ -20,19 +19,12 @@ from helpers.image_data import CLASSES, PER_CLASS, images_and_labels, make_image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from helpers import assert_bad_input  # noqa: E402
 from timm_gmix.data import load_splits, with_transforms  # noqa: E402
 
 TINY = ['--model', 'resnet10t', '--img-size', '32', '-b', '8', '--epochs', '1', '--workers', '0',
         '--warmup-epochs', '0', '--lr', '0.05']
 DG = ['--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg']
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """ Each in-process run builds its own Accelerator. """
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(autouse=True)
@@ -138,16 +130,6 @@ def test_string_labels_are_numbered_in_sorted_order(data):
     assert sorted(train_split['fine_label']) == sorted(list(range(3)) * PER_CLASS)
 
 
-def _bad_input(capsys, tmp_path, argv, *expected):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main_guard(lambda: train.main([*map(str, argv), '--output', str(tmp_path)]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
-    for word in expected:
-        assert word in err, err
-    assert not any(tmp_path.rglob('summary.csv')), 'training started'
-
 
 BAD_DATA = {
     'missing image folder': (['--dataset', 'folder', '--data-dir', '/nonexistent/images'],
@@ -168,7 +150,7 @@ BAD_DATA = {
 def test_bad_data_input_is_one_clear_line(case, data, capsys, tmp_path):
     argv, *expected = BAD_DATA[case]
     argv = [data['save_to_disk'][1] if a == 'SAVED' else a for a in argv]
-    _bad_input(capsys, tmp_path, [*TINY, *DG, *argv], *expected)
+    assert_bad_input(capsys, tmp_path, [*TINY, *DG, *argv], *expected)
 
 
 def test_hub_dataset_offline_says_how_to_get_it(tmp_path):

@@ -1,7 +1,6 @@
 """ Fine-tuning offline (--pretrained-path, local-dir:), the classifier head for a new number of classes,
 offline --pretrained without weights, layer-wise lr decay with gmix_sam, EMA and its export, and every
 preset in configs/ building its model, optimizer and mixing function. """
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import pytest
 import timm
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
@@ -20,6 +18,7 @@ from helpers.image_data import CLASSES, make_saved_dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from helpers import assert_bad_input, read_summary  # noqa: E402
 from timm_gmix import GMixup, SAM  # noqa: E402
 from timm_gmix.config import build_parser  # noqa: E402
 from timm_gmix.factory import check_input_size, create_mixup, create_model, create_optimizer  # noqa: E402
@@ -30,14 +29,6 @@ TINY = ['--model', MODEL, '--img-size', '32', '-b', '8', '--epochs', '1', '--wor
 DG = ['--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg']
 # lr 0 all the way (no warmup lr): every parameter stays where it started; BatchNorm statistics still move
 FROZEN = ['--lr', '0', '--warmup-lr', '0', '--min-lr', '0']
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """ Each in-process run builds its own Accelerator. """
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope='module')
@@ -113,16 +104,6 @@ def test_finetune_export_and_local_dir(data, tmp_path):
             assert torch.equal(trained[name], folder[name]), name
 
 
-def _bad_input(capsys, tmp_path, argv, *expected):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main_guard(lambda: train.main([*map(str, argv), '--output', str(tmp_path)]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
-    for word in expected:
-        assert word in err, err
-    assert not any(tmp_path.rglob('summary.csv')), 'training started'
-
 
 def test_bad_weights_are_one_clear_line(data, capsys, tmp_path):
     not_weights = tmp_path / 'notes.safetensors'
@@ -136,7 +117,7 @@ def test_bad_weights_are_one_clear_line(data, capsys, tmp_path):
         (['--model', f'local-dir:{tmp_path / "no_model"}', '--pretrained'], 'no config.json'),
     ]
     for argv, *expected in cases:
-        _bad_input(capsys, tmp_path, [*TINY, '--dataset', data, *argv], *expected)
+        assert_bad_input(capsys, tmp_path, [*TINY, '--dataset', data, *argv], *expected)
 
 
 @pytest.mark.parametrize('model', [MODEL, f'hf-hub:timm/{MODEL}.c3_in1k'])
@@ -177,8 +158,7 @@ def _ema_state(checkpoint):
 def test_model_ema_is_validated_and_exported_when_chosen(export_ema, data, tmp_path):
     run_dir = run(tmp_path, 'ema', *TINY, *DG, '--lr', '0.05', '--dataset', data, '--model-ema',
                   '--model-ema-decay', '0.5', *(['--export-ema'] if export_ema else []))
-    with open(run_dir / 'summary.csv') as f:
-        row = next(csv.DictReader(f))
+    row = read_summary(run_dir)[0]
     assert {'eval_top1', 'eval_ema_top1', 'eval_ema_loss', 'eval_ema_top5'} <= set(row)
     live = load_file(run_dir / 'checkpoint-0' / 'model.safetensors')
     ema = _ema_state(run_dir / 'checkpoint-0')

@@ -1,5 +1,4 @@
 """ train.py end to end on the built-in digits, YAML configs, and bad input. """
-import csv
 import math
 import os
 import subprocess
@@ -10,23 +9,15 @@ import pytest
 import timm
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from helpers import assert_bad_input, read_summary  # noqa: E402
 
 # A small, fast run: a tenth of the digits, a small timm CNN with BatchNorm.
 FAST = ['--model', 'resnet10t', '--img-size', '32', '--train-subset', '0.1', '-b', '16', '--epochs', '1',
         '--workers', '0', '--hflip', '0', '--lr', '0.05', '--warmup-epochs', '0']
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """ Each in-process run builds its own Accelerator. """
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def run_train(tmp_path, *argv):
@@ -34,11 +25,6 @@ def run_train(tmp_path, *argv):
     cmd = [sys.executable, str(ROOT / 'train.py'), *argv, '--output', str(tmp_path)]
     env = {**os.environ, 'OMP_NUM_THREADS': '2'}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-
-
-def read_summary(run_dir):
-    with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
 
 
 def test_one_epoch_end_to_end(tmp_path):
@@ -81,17 +67,6 @@ def test_digits_presets_parse(config):
     assert args.dataset == 'digits'
 
 
-def _bad_input(capsys, tmp_path, argv, *expected):
-    """ train.py exits with status 2 and one line naming the problem, before any training. """
-    with pytest.raises(SystemExit) as exit_info:
-        train.main_guard(lambda: train.main([*argv, '--output', str(tmp_path)]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
-    for word in expected:
-        assert word in err, err
-    assert not any(tmp_path.rglob('summary.csv')), 'training started'
-
 
 BAD_INPUT = {
     'unknown optimizer': (['--opt', 'sgdd'], 'unknown optimizer', 'sgdd'),
@@ -113,20 +88,20 @@ BAD_INPUT = {
 @pytest.mark.parametrize('case', sorted(BAD_INPUT))
 def test_bad_input_is_one_clear_line(case, capsys, tmp_path):
     argv, *expected = BAD_INPUT[case]
-    _bad_input(capsys, tmp_path, [*FAST, *argv], *expected)
+    assert_bad_input(capsys, tmp_path, [*FAST, *argv], *expected)
 
 
 def test_unknown_config_key(capsys, tmp_path):
     config = tmp_path / 'bad.yaml'
     config.write_text('model: resnet10t\nmixup_alpha: 0.4\n')
-    _bad_input(capsys, tmp_path, ['-c', str(config)], 'mixup_alpha', str(config))
+    assert_bad_input(capsys, tmp_path, ['-c', str(config)], 'mixup_alpha', str(config))
 
 
 def test_missing_and_corrupt_config(capsys, tmp_path):
-    _bad_input(capsys, tmp_path, ['-c', str(tmp_path / 'none.yaml')], 'does not exist')
+    assert_bad_input(capsys, tmp_path, ['-c', str(tmp_path / 'none.yaml')], 'does not exist')
     config = tmp_path / 'corrupt.yaml'
     config.write_text('model: [resnet\n')
-    _bad_input(capsys, tmp_path, ['-c', str(config)], 'not valid YAML')
+    assert_bad_input(capsys, tmp_path, ['-c', str(config)], 'not valid YAML')
 
 
 def test_labels_out_of_range(capsys, tmp_path):
@@ -138,7 +113,7 @@ def test_labels_out_of_range(capsys, tmp_path):
                                                                    'label': datasets.Value('int64')}))
     datasets.DatasetDict(train=split, validation=split).save_to_disk(tmp_path / 'data')
     capsys.readouterr()
-    _bad_input(capsys, tmp_path, [*FAST, '--dataset', str(tmp_path / 'data'), '-b', '4'], 'labels', '-1')
+    assert_bad_input(capsys, tmp_path, [*FAST, '--dataset', str(tmp_path / 'data'), '-b', '4'], 'labels', '-1')
 
 
 @pytest.mark.parametrize('mode', ['bg', 'dg'])

@@ -1,5 +1,5 @@
-""" Helpers shared by tests/test_distributed.py and tests/test_resume.py: train.py's small runs, the
-two-process CPU launch through Accelerate, and reading what a run leaves on disk. """
+""" Helpers shared by the tests: train.py's small runs, the two-process CPU launch through Accelerate,
+reading what a run leaves on disk, and the check that bad input is one clear line. """
 import csv
 import os
 import socket
@@ -55,6 +55,20 @@ def train_main(argv):
         return train_module().main(list(map(str, argv)))
     finally:
         AcceleratorState._reset_state(True)
+
+
+def assert_bad_input(capsys, tmp_path, argv, *expected):
+    """ train.py exits with status 2 and one line naming the problem (`expected` words), before training. """
+    import pytest
+    with pytest.raises(SystemExit) as exit_info:
+        train = train_module()
+        train.main_guard(lambda: train.main([*map(str, argv), '--output', str(tmp_path)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
+    for word in expected:
+        assert word in err, err
+    assert not any(tmp_path.rglob('summary.csv')), 'training started'
 
 
 def read_summary(run_dir) -> list:
