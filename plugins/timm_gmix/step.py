@@ -56,10 +56,6 @@ def frozen_bn_stats(model: torch.nn.Module):
             m.track_running_stats = True
 
 
-def _all_finite(*tensors) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def gmix_step(
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -119,11 +115,14 @@ def gmix_step(
         else:
             loss.backward()
 
+    def micro_batches(*tensors):
+        return list(zip(*(t.tensor_split(accum_steps) for t in tensors)))
+
     def forward_backward(x, y, weights, sync: bool):
         """ Gradient of sum_i weights_i * l_i / B over micro-batches, all-reduced on the last if `sync`;
         returns the per-example losses. """
+        chunks = micro_batches(x, y, weights)
         losses = []
-        chunks = list(zip(x.tensor_split(accum_steps), y.tensor_split(accum_steps), weights.tensor_split(accum_steps)))
         for i, (xc, yc, wc) in enumerate(chunks):
             with (nullcontext() if sync and i == len(chunks) - 1 else no_sync()):
                 with autocast():
@@ -135,7 +134,13 @@ def gmix_step(
     @torch.no_grad()
     def forward(x, y):
         with autocast():
-            return torch.cat([loss_fn(model(xc), yc) for xc, yc in zip(x.tensor_split(accum_steps), y.tensor_split(accum_steps))])
+            return torch.cat([loss_fn(model(xc), yc) for xc, yc in micro_batches(x, y)])
+
+    def all_agree(ok: torch.Tensor) -> bool:
+        """ Replicas must take the same branch, or the next all-reduce waits forever. """
+        if accelerator is not None and accelerator.num_processes > 1:
+            ok = accelerator.reduce(ok.float(), reduction='sum') == accelerator.num_processes
+        return bool(ok)
 
     ones = torch.ones(batch_size, device=batch.inputs.device)
     loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sam is None or sync_ascent)
@@ -143,11 +148,7 @@ def gmix_step(
 
     if sam is not None:
         grad_norm = sam.grad_norm()
-        ok = torch.isfinite(grad_norm) & torch.isfinite(loss_w).all()
-        if accelerator is not None and accelerator.num_processes > 1 and not sync_ascent:
-            # Replicas must agree on skipping, or the next all-reduce waits forever.
-            ok = accelerator.reduce(ok.float(), reduction='sum') == accelerator.num_processes
-        if not bool(ok):
+        if not all_agree(torch.isfinite(grad_norm) & torch.isfinite(loss_w).all()):
             stepper.zero_grad(set_to_none=True)
             if scaler is not None:
                 # The ascent overflowed at this loss scale: back off (and restart growth) as GradScaler
@@ -174,7 +175,7 @@ def gmix_step(
         scaler.unscale_(stepper)
     params = [p for group in stepper.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    result.skipped = not _all_finite(grad_norm, loss_e)
+    result.skipped = not all_agree(torch.isfinite(grad_norm) & torch.isfinite(loss_e).all())
     if not result.skipped:
         if clip_grad is not None:
             if clip_mode == 'norm':
