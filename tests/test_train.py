@@ -127,3 +127,19 @@ def test_one_epoch_bg_dg_logs_flagging(tmp_path, mode, gamma):
     flagged = (108 // 16) * math.ceil(gamma * 16)  # a tenth of the 1,078 training digits, full batches
     assert 0 <= int(row['train_flagged_two_class']) <= flagged
     assert float(row['train_sens_flagged']) >= float(row['train_sens_unflagged'])
+
+
+@pytest.mark.parametrize('flags, expected', [
+    ([], None), (['--amp'], 'fp16'), (['--amp', '--amp-dtype', 'bfloat16'], 'bf16'),
+    (['--mixed-precision', 'no'], 'no'), (['--amp', '--mixed-precision', 'bf16'], 'bf16'),
+])
+def test_precision_flags(flags, expected):
+    from timm_gmix.config import mixed_precision
+    assert mixed_precision(train.parse_args(flags)) == expected
+
+
+def test_launcher_precision_reaches_train_py(tmp_path, capsys, monkeypatch):
+    # What `accelerate launch --mixed_precision bf16` sets; train.py must not override it with 'no'.
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
+    train.main([*FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', '--output', str(tmp_path)])
+    assert 'bf16 precision' in capsys.readouterr().out

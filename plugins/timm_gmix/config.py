@@ -162,10 +162,15 @@ def mixing_enabled(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def mixed_precision(args) -> str:
+def mixed_precision(args):
+    """ Accelerate's precision from --mixed-precision or timm's --amp/--amp-dtype; None (neither given)
+    leaves it to `accelerate launch --mixed_precision` / the Accelerate config, which an explicit 'no' would
+    silently override. """
     if args.mixed_precision is not None:
         return args.mixed_precision
-    return ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else 'no'
+    if args.amp:
+        return 'bf16' if args.amp_dtype == 'bfloat16' else 'fp16'
+    return None
 
 
 def is_sam(opt: str) -> bool:
