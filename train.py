@@ -148,7 +148,7 @@ def main(argv=None):
     accelerator.print(f'{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) | '
                       f'{args.opt} | mixup-mode {args.mixup_mode} | {len(train_set)} train / {len(val_set)} val '
                       f'images, {num_classes} classes | {accelerator.num_processes} process(es), '
-                      f'{accelerator.mixed_precision} precision | {run_dir}')
+                      f'precision {accelerator.mixed_precision} | {run_dir}')
 
     for epoch in range(state.epoch + 1, num_epochs):
         start = time.time()

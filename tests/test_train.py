@@ -142,4 +142,4 @@ def test_launcher_precision_reaches_train_py(tmp_path, capsys, monkeypatch):
     # What `accelerate launch --mixed_precision bf16` sets; train.py must not override it with 'no'.
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     train.main([*FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', '--output', str(tmp_path)])
-    assert 'bf16 precision' in capsys.readouterr().out
+    assert 'precision bf16' in capsys.readouterr().out
