@@ -14,7 +14,7 @@ from pathlib import Path
 
 from timm.models import save_for_hf
 
-from .config import UsageError
+from .config import UsageError, reason
 
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
 
@@ -72,8 +72,7 @@ def load_checkpoint(accelerator, path) -> Path:
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as e:  # torch, safetensors and pickle each raise their own kind
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f'checkpoint {checkpoint} is corrupt or incomplete ({reason}): '
+        raise UsageError(f'checkpoint {checkpoint} is corrupt or incomplete ({reason(e)}): '
                          f'resume from another checkpoint or start a new run') from e
     return checkpoint
 

@@ -20,6 +20,12 @@ class UsageError(ValueError):
     """ Bad input: train.py prints the message as one line and exits before training. """
 
 
+def reason(error: Exception) -> str:
+    """ The first sentence of an exception's message, to quote inside a one-line UsageError. """
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split('. ')[0].rstrip('.')
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -136,7 +142,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f'config file {path} is not valid YAML ({str(e).splitlines()[0]}): fix or remove it')
+        raise UsageError(f'config file {path} is not valid YAML ({reason(e)}): fix or remove it')
     if not isinstance(cfg, dict):
         raise UsageError(f'config file {path} must be a mapping of flag names to values')
     known = {a.dest for a in parser._actions}

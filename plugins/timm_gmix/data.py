@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
 
-from .config import UsageError
+from .config import UsageError, reason
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_SPLITS = {'train': 0.6, 'validation': 0.2, 'test': 0.2}
@@ -48,10 +48,6 @@ def digits_dataset():
     return datasets.DatasetDict(splits)
 
 
-def _first_line(error) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def load_dataset_dict(name: str, data_dir=None):
     """ The DatasetDict that `--dataset` (and `--data-dir`) name. """
     import datasets
@@ -69,7 +65,7 @@ def load_dataset_dict(name: str, data_dir=None):
             return datasets.load_dataset(path, cache_dir=data_dir)
         except Exception as e:  # datasets and huggingface_hub raise many kinds for a name they cannot get
             raise UsageError(
-                f'could not load dataset {path!r} ({_first_line(e)}): check the name and the network; to train '
+                f'could not load dataset {path!r} ({reason(e)}): check the name and the network; to train '
                 f'offline, run datasets.load_dataset({path!r}).save_to_disk(DIR) where there is network and pass '
                 f'--dataset DIR') from e
     folder = Path(name)
@@ -90,7 +86,7 @@ def _load(folder, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # an empty or unreadable folder
-        raise UsageError(f'could not read the data in {folder} ({_first_line(e)}): give a save_to_disk folder, '
+        raise UsageError(f'could not read the data in {folder} ({reason(e)}): give a save_to_disk folder, '
                          f'parquet/csv files, or image subfolders per split and class') from e
 
 
@@ -110,7 +106,7 @@ def _prepare_columns(train, val, image_column, label_column):
         try:
             train, val = (split.cast_column(image_column, datasets.Image()) for split in (train, val))
         except Exception as e:
-            raise UsageError(f'column {image_column!r} does not hold images ({_first_line(e)}): '
+            raise UsageError(f'column {image_column!r} does not hold images ({reason(e)}): '
                              f'set --image-column') from e
     feature = train.features[label_column]
     if isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):

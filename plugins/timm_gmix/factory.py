@@ -9,7 +9,7 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 
-from .config import UsageError, is_sam, mixing_enabled
+from .config import UsageError, is_sam, mixing_enabled, reason
 from .mixup import GMixup
 
 
@@ -35,20 +35,15 @@ def create_model(args, num_classes: int):
         if not pretrained:
             raise
         if args.pretrained_path is not None or args.model.startswith('local-dir:'):
-            raise UsageError(f'{weights} do not fit {args.model} ({first_sentence(e)}): '
+            raise UsageError(f'{weights} do not fit {args.model} ({reason(e)}): '
                              f'pass the --model that the weights were saved from')
-        raise UsageError(f'could not load {weights} for {args.model} ({first_sentence(e)}); '
+        raise UsageError(f'could not load {weights} for {args.model} ({reason(e)}); '
                          f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
     except (OSError, ValueError) as e:
         if not pretrained:
             raise
-        raise UsageError(f'could not get {weights} for {args.model} ({first_sentence(e)}); '
+        raise UsageError(f'could not get {weights} for {args.model} ({reason(e)}); '
                          f'offline, pass --pretrained-path <file>.safetensors or --model local-dir:<folder>')
-
-
-def first_sentence(error) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.split('. ')[0].rstrip('.')
 
 
 def weights_file_cfg(model_name: str, path) -> dict:
@@ -78,7 +73,7 @@ def weights_file_cfg(model_name: str, path) -> dict:
                     overlay.update(num_classes=f.get_slice(f'{name}.weight').get_shape()[0], label_offset=0)
                     break
     except (SafetensorError, OSError) as e:
-        raise UsageError(f'--pretrained-path {path} is not a readable safetensors file ({first_sentence(e)}): '
+        raise UsageError(f'--pretrained-path {path} is not a readable safetensors file ({reason(e)}): '
                          f'save weights with safetensors.torch.save_file(model.state_dict(), path)')
     return overlay
 
@@ -91,7 +86,7 @@ def check_input_size(model, args, input_size):
             model(torch.zeros(2, *input_size))
     except (RuntimeError, AssertionError, ValueError) as e:
         raise UsageError(f'model {args.model} cannot take {input_size[1]}x{input_size[2]} images '
-                         f'({str(e).splitlines()[0]}): change --img-size or pass --model-kwargs img_size=N')
+                         f'({reason(e)}): change --img-size or pass --model-kwargs img_size=N')
 
 
 def create_optimizer(args, model):
