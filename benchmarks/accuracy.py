@@ -17,7 +17,6 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -64,7 +63,6 @@ def run_key(arch, method, phase, hparams, seed):
 
 def train_once(arch, method, phase, hparams, seed, split):
     """ One train.py run in this worker process; returns its CSV row. """
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
     import torch
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
@@ -102,28 +100,30 @@ class Runner:
         return any(run_key(r['arch'], r['method'], r['phase'], json.loads(r['hparams']), r['seed']) == run_key(*job[:5])
                    for r in self.rows)
 
-    def run(self, jobs, total_left):
+    def run(self, jobs, total):
+        """ Run the jobs not yet in the CSV; `total` is the number of runs of the whole benchmark. """
         jobs = [j for j in jobs if not self.done(j)]
         if not jobs:
             return
         with ProcessPoolExecutor(self.workers) as pool:
-            futures = [pool.submit(train_once, *job) for job in jobs]
-            for future in as_completed(futures):
+            for future in as_completed([pool.submit(train_once, *job) for job in jobs]):
                 row = future.result()
-                self.rows.append({k: str(v) for k, v in row.items()})
-                new = not self.csv_path.is_file()
-                with open(self.csv_path, 'a', newline='') as f:
-                    writer = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
+                self.append(row)
                 self.finished_here += 1
-                elapsed = time.time() - self.started
-                left = total_left() 
-                eta = elapsed / self.finished_here * left
+                left = total - len(self.rows)
+                eta = (time.time() - self.started) / self.finished_here * left
                 print(f'[{len(self.rows)} runs done, {left} to go, ~{eta / 60:.0f} min left] {row["arch"]} '
                       f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: '
                       f'{row["top1"]:.2f}% ({row["seconds"]}s)', flush=True)
+
+    def append(self, row):
+        self.rows.append({k: str(v) for k, v in row.items()})
+        new = not self.csv_path.is_file()
+        with open(self.csv_path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
 
 
 def grid(tuned):
@@ -229,10 +229,9 @@ def main():
     seeds = list(range(1, args.seeds + 1))
     n_final = len(ARCHS) * len(METHODS) * len(seeds) + 2 * len(ABLATIONS) * len(seeds)
     tune = tuning_jobs()
-    total_left = lambda: len(tune) + n_final - len(runner.rows)  # noqa: E731
     if not args.report_only:
-        runner.run(tune, total_left)
-        runner.run(final_jobs(runner.rows, seeds), total_left)
+        runner.run(tune, len(tune) + n_final)
+        runner.run(final_jobs(runner.rows, seeds), len(tune) + n_final)
     report(runner.rows, out_dir, 'python benchmarks/accuracy.py' + (f' --seeds {args.seeds}' if args.seeds != 5 else ''))
 
 
