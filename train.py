@@ -136,6 +136,9 @@ def main(argv=None):
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
     if args.resume:
         accelerator.print(f'resumed from {load_checkpoint(accelerator, args.resume)}')
+        if state.epoch + 1 >= num_epochs:
+            raise UsageError(f'the run in {args.resume} already trained all {num_epochs} epochs: '
+                             f'raise --epochs to train longer')
         if accelerator.is_main_process:
             trim_summary(run_dir / 'summary.csv', state.epoch)
 

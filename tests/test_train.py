@@ -143,3 +143,10 @@ def test_launcher_precision_reaches_train_py(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     train.main([*FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', '--output', str(tmp_path)])
     assert 'precision bf16' in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run(capsys, tmp_path):
+    train.main([*FAST, '--opt', 'sgd', '--output', str(tmp_path), '--experiment', 'done'])
+    capsys.readouterr()
+    assert_bad_input(capsys, tmp_path / 'again', [*FAST, '--opt', 'sgd', '--resume', tmp_path / 'done'],
+                     'already trained all 1 epochs', '--epochs')
