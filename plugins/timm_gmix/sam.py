@@ -61,14 +61,13 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """ ||g|| (SAM) or || |w| * g || (ASAM) over every parameter that has a gradient. """
-        norms = [
-            ((p.abs() * p.grad) if group['adaptive'] else p.grad).norm(2)
+        grads = [
+            (p.abs() * p.grad) if group['adaptive'] else p.grad
             for group in self.param_groups for p in group['params'] if p.grad is not None
         ]
-        if not norms:
+        if not grads:
             raise RuntimeError('SAM found no gradients: run the backward pass of the ascent loss first')
-        device = norms[0].device
-        return torch.stack([n.to(device) for n in norms]).norm(2)
+        return torch.nn.utils.get_total_norm(grads)
 
     @torch.no_grad()
     def perturb(self, grad_norm: Optional[torch.Tensor] = None):
