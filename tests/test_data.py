@@ -63,6 +63,24 @@ def test_each_format_reads_the_same_images_and_labels(fmt, data):
         assert got == expected, name
 
 
+def test_digits_split_three_ways_and_the_subset_does_not_depend_on_the_seed():
+    """ The limited-data benchmark compares seeds on the same training examples, never touching test. """
+    def pixels_of(split):
+        return {np.asarray(row['image']).tobytes() for row in split}
+
+    splits = {name: load_splits(args_for(*TINY, '--val-split', name))[1] for name in ('validation', 'test')}
+    full_train, _, num_classes = load_splits(args_for(*TINY))
+    assert num_classes == 10
+    assert [len(full_train), len(splits['validation']), len(splits['test'])] == [1078, 359, 360]
+    parts = [pixels_of(full_train), pixels_of(splits['validation']), pixels_of(splits['test'])]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+
+    subsets = [load_splits(args_for(*TINY, '--train-subset', '0.2', '--seed', seed))[0] for seed in (1, 2)]
+    assert len(subsets[0]) == round(0.2 * 1078)
+    assert subsets[0]['label'] == subsets[1]['label'] and pixels_of(subsets[0]) == pixels_of(subsets[1])
+    assert pixels_of(subsets[0]) <= parts[0]
+
+
 @pytest.mark.parametrize('fmt, workers', [('folder', 2), ('save_to_disk', 0), ('hfds_parquet', 0)])
 def test_dg_mix_trains_on_each_format(fmt, workers, data, tmp_path):
     train.main([*map(str, TINY), *map(str, data[fmt]), *DG, '--workers', str(workers),

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--image-column', '--input-key', default='image', help='column of the images')
     group.add_argument('--label-column', '--target-key', default='label', help='column of the class labels')
     group.add_argument('--train-subset', type=float, default=None,
-                       help='train on this fraction (0-1] of the training split (fixed by --seed)')
+                       help='train on this fraction (0-1] of the training split (the same examples for every --seed)')
     group.add_argument('-j', '--workers', type=int, default=2)
 
     group = parser.add_argument_group('Model')
