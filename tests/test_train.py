@@ -91,6 +91,19 @@ def test_bad_input_is_one_clear_line(case, capsys, tmp_path):
     assert_bad_input(capsys, tmp_path, [*FAST, *argv], *expected)
 
 
+@pytest.mark.parametrize('sharded', ['FSDP', 'DEEPSPEED'])
+def test_sharded_training_is_refused(sharded, capsys, tmp_path, monkeypatch):
+    """ Accelerate builds neither on CPU, so the launcher's choice is simulated where train.py reads it. """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    class ShardedAccelerator(Accelerator):
+        distributed_type = property(lambda self: DistributedType[sharded])
+
+    monkeypatch.setattr(train, 'Accelerator', ShardedAccelerator)
+    assert_bad_input(capsys, tmp_path, FAST, 'not supported', '--multi_gpu')
+
+
 def test_unknown_config_key(capsys, tmp_path):
     config = tmp_path / 'bad.yaml'
     config.write_text('model: resnet10t\nmixup_alpha: 0.4\n')
