@@ -270,6 +270,42 @@ def test_scaler_overflow_resets_growth_like_gradscaler(poisoned_pass, make_mlp, 
     assert seen == [(1024., 1), (512., 0), (512., 1)]
 
 
+def test_fp16_through_accelerate_skips_and_checkpoints_the_scale(make_mlp, make_batch, textbook, tmp_path):
+    """ Accelerate's fp16 path, with a CPU GradScaler where Accelerate puts its CUDA one (on CPU it makes
+    none): the scaled passes give the unscaled update, a descent overflow skips the step and backs the scale
+    off, and the scale is saved and restored with the training state. """
+    from accelerate import Accelerator
+
+    def prepared(scaler):
+        accelerator = Accelerator()
+        accelerator.scaler = scaler  # before prepare, which hands it to the prepared optimizer
+        torch.manual_seed(0)
+        gate = Gate()
+        model = nn.Sequential(gate, make_mlp())
+        model, opt = accelerator.prepare(model, sam(model, base='sgd', momentum=0.9))
+        return accelerator, gate, model, opt
+
+    accelerator, gate, model, opt = prepared(torch.amp.GradScaler('cpu', init_scale=2. ** 10))
+    fp32_accelerator, _, twin, twin_opt = prepared(None)
+    x, y = make_batch(8)
+    for seed in range(2):
+        assert not step(textbook, model, opt, x, y, gmixup('g'), seed, accelerator=accelerator).skipped
+        step(textbook, twin, twin_opt, x, y, gmixup('g'), seed, accelerator=fp32_accelerator)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+    snap = snapshot(model, opt)
+    gate.poison = {gate.calls + 2}
+    assert step(textbook, model, opt, x, y, gmixup('g'), 2, accelerator=accelerator).skipped
+    assert_unchanged(model, opt, snap)
+    assert accelerator.scaler.get_scale() == 2. ** 9
+
+    accelerator.save_state(str(tmp_path / 'checkpoint'))
+    restored, _, _, _ = prepared(torch.amp.GradScaler('cpu', init_scale=2. ** 16))
+    restored.load_state(str(tmp_path / 'checkpoint'))
+    assert restored.scaler.get_scale() == 2. ** 9
+
+
 # ----------------------------------------------------------------------------------------------
 # GradScaler, clipping, plain optimizers, accumulation, Accelerate
 
