@@ -14,6 +14,7 @@ from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
 from .mixup import GMIX_MODES, TIMM_MODES, FLAG_CHOICES
+from .sam import is_sam, registry_name
 
 
 class UsageError(ValueError):
@@ -179,14 +180,10 @@ def mixed_precision(args):
     return None
 
 
-def is_sam(opt: str) -> bool:
-    return opt.lower().split('_')[-1] == 'sam'
-
-
 def check_args(args):
     """ Raise UsageError for a combination that cannot train as asked. """
     for flag, name in (('--opt', args.opt), ('--sam-base', args.sam_base)):
-        if name.lower().split('_')[-1] not in list_optimizers():
+        if registry_name(name) not in list_optimizers():
             raise UsageError(f'unknown optimizer {name!r} for {flag}: choose a name from '
                              f'timm.optim.list_optimizers() (gmix_sam for the G-Mix family)')
     if is_sam(args.sam_base):

@@ -9,8 +9,9 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 
-from .config import UsageError, is_sam, mixing_enabled, reason
+from .config import UsageError, mixing_enabled, reason
 from .mixup import GMixup
+from .sam import is_sam
 
 
 def create_model(args, num_classes: int):

@@ -20,6 +20,16 @@ DEFAULT_RHO = 0.05
 DEFAULT_RHO_ADAPTIVE = 2.0
 
 
+def registry_name(opt: str) -> str:
+    """ The registry entry timm builds for `opt`: it keeps only the last `_`-separated part
+    ('gmix_sam' -> 'sam', 'lookahead_gmix_sam' -> Lookahead around 'sam'). """
+    return opt.lower().split('_')[-1]
+
+
+def is_sam(opt: str) -> bool:
+    return registry_name(opt) == 'sam'
+
+
 class SAM(torch.optim.Optimizer):
     """ SAM wrapper sharing its `param_groups` with the base optimizer.
 
@@ -42,9 +52,9 @@ class SAM(torch.optim.Optimizer):
             rho = DEFAULT_RHO_ADAPTIVE if adaptive else DEFAULT_RHO
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
             raise ValueError(f'rho must be a positive finite number, got {rho!r}')
-        if base.lower().split('_')[-1] == 'sam':
+        if is_sam(base):
             raise ValueError(f'SAM cannot wrap itself: choose a plain base optimizer, not {base!r}')
-        if not get_optimizer_info(base.lower().split('_')[-1]).has_momentum:
+        if not get_optimizer_info(registry_name(base)).has_momentum:
             base_kwargs.pop('momentum', None)  # timm hands SAM a momentum for whichever base it wraps
         self.base_optimizer = create_optimizer_v2(params, opt=base, **base_kwargs)
         # Registering the base's own group dicts makes every change (LR schedule, layer decay) seen by both.
@@ -120,11 +130,7 @@ def find_sam(optimizer) -> Optional[SAM]:
 
 
 def register_sam():
-    """ Register SAM with timm's optimizer registry as `sam`, with the alias `gmix_sam`.
-
-    timm keeps only the last `_`-separated part of `opt` ('gmix_sam' -> 'sam',
-    'lookahead_gmix_sam' -> Lookahead around 'sam'), so the entry itself must be `sam`.
-    """
+    """ Register SAM with timm's optimizer registry as `sam` (see `registry_name`), with the alias `gmix_sam`. """
     default_registry.register(OptimInfo(
         name='sam',
         opt_class=SAM,
