@@ -1,7 +1,5 @@
 """ train.py on data in each format it reads (image folder, save_to_disk, parquet through hfds/), timm's
 transforms and augmentation flags, grayscale images, worker processes, and bad data input. """
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +17,11 @@ from helpers.image_data import CLASSES, PER_CLASS, images_and_labels, make_image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from helpers import assert_bad_input  # noqa: E402
+from helpers import DG_MIX, assert_bad_input, run_train_py  # noqa: E402
 from timm_gmix.data import load_splits, with_transforms  # noqa: E402
 
 TINY = ['--model', 'resnet10t', '--img-size', '32', '-b', '8', '--epochs', '1', '--workers', '0',
         '--warmup-epochs', '0', '--lr', '0.05']
-DG = ['--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg']
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +80,7 @@ def test_digits_split_three_ways_and_the_subset_does_not_depend_on_the_seed():
 
 @pytest.mark.parametrize('fmt, workers', [('folder', 2), ('save_to_disk', 0), ('hfds_parquet', 0)])
 def test_dg_mix_trains_on_each_format(fmt, workers, data, tmp_path):
-    train.main([*map(str, TINY), *map(str, data[fmt]), *DG, '--workers', str(workers),
+    train.main([*map(str, TINY), *map(str, data[fmt]), *DG_MIX, '--workers', str(workers),
                 '--output', str(tmp_path), '--experiment', 'run'])
     run_dir = tmp_path / 'run'
     import csv
@@ -168,16 +165,13 @@ BAD_DATA = {
 def test_bad_data_input_is_one_clear_line(case, data, capsys, tmp_path):
     argv, *expected = BAD_DATA[case]
     argv = [data['save_to_disk'][1] if a == 'SAVED' else a for a in argv]
-    assert_bad_input(capsys, tmp_path, [*TINY, *DG, *argv], *expected)
+    assert_bad_input(capsys, tmp_path, [*TINY, *DG_MIX, *argv], *expected)
 
 
 def test_hub_dataset_offline_says_how_to_get_it(tmp_path):
     """ Offline and not cached: one line naming the dataset and the save_to_disk way to train offline. """
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1',
-           'HF_HOME': str(tmp_path / 'hf')}
-    cmd = [sys.executable, str(ROOT / 'train.py'), *TINY, '--dataset', 'hfds/uoft-cs/cifar10',
-           '--output', str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_train_py(tmp_path, *TINY, '--dataset', 'hfds/uoft-cs/cifar10',
+                        HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and "'uoft-cs/cifar10'" in last and 'save_to_disk' in last, proc.stderr

@@ -1,8 +1,6 @@
 """ Fine-tuning offline (--pretrained-path, local-dir:), the classifier head for a new number of classes,
 offline --pretrained without weights, layer-wise lr decay with gmix_sam, EMA and its export, and every
 preset in configs/ building its model, optimizer and mixing function. """
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from helpers.image_data import CLASSES, make_saved_dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from helpers import assert_bad_input, read_summary  # noqa: E402
+from helpers import DG_MIX, assert_bad_input, read_summary, run_train_py  # noqa: E402
 from timm_gmix import GMixup, SAM  # noqa: E402
 from timm_gmix.config import build_parser  # noqa: E402
 from timm_gmix.factory import check_input_size, create_mixup, create_model, create_optimizer  # noqa: E402
@@ -26,7 +24,6 @@ from timm_gmix.factory import check_input_size, create_mixup, create_model, crea
 MODEL = 'resnet10t'
 HEAD = 'fc'
 TINY = ['--model', MODEL, '--img-size', '32', '-b', '8', '--epochs', '1', '--workers', '0', '--warmup-epochs', '0']
-DG = ['--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg']
 # lr 0 all the way (no warmup lr): every parameter stays where it started; BatchNorm statistics still move
 FROZEN = ['--lr', '0', '--warmup-lr', '0', '--min-lr', '0']
 
@@ -73,7 +70,7 @@ def test_pretrained_path_body_from_file_head_by_num_classes(saved_classes, data,
     """ timm drops a head whose size differs; a head of the right size is kept (timm alone would compare
     with the pretrained config's 1000 classes and drop it too). """
     weights = saved_weights(saved_classes, tmp_path / 'weights.safetensors')
-    run_dir = run(tmp_path, 'ft', *TINY, *DG, *FROZEN, '--dataset', data,
+    run_dir = run(tmp_path, 'ft', *TINY, *DG_MIX, *FROZEN, '--dataset', data,
                   '--pretrained-path', tmp_path / 'weights.safetensors')
     assert_starts_from(weights, run_dir / 'checkpoint-0', head_kept=saved_classes == len(CLASSES))
 
@@ -82,7 +79,7 @@ def test_finetune_export_and_local_dir(data, tmp_path):
     """ Fine-tune a saved 10-class model on 3 classes, reload the export with local-dir:, then fine-tune that
     folder with --pretrained: on the same classes, and on 2 coarse classes (a new head). """
     saved_weights(10, tmp_path / 'weights.safetensors')
-    run_dir = run(tmp_path, 'ft', *TINY, *DG, '--lr', '0.05', '--dataset', data,
+    run_dir = run(tmp_path, 'ft', *TINY, *DG_MIX, '--lr', '0.05', '--dataset', data,
                   '--pretrained-path', tmp_path / 'weights.safetensors')
     exported = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval()
     reference = timm.create_model(MODEL, num_classes=len(CLASSES)).eval()
@@ -91,11 +88,11 @@ def test_finetune_export_and_local_dir(data, tmp_path):
     torch.testing.assert_close(exported(x), reference(x), rtol=0, atol=0)
 
     folder = {k: v for k, v in load_file(run_dir / 'model' / 'model.safetensors').items()}
-    again = run(tmp_path, 'again', *TINY, *DG, *FROZEN, '--dataset', data, '--model', f'local-dir:{run_dir / "model"}',
+    again = run(tmp_path, 'again', *TINY, *DG_MIX, *FROZEN, '--dataset', data, '--model', f'local-dir:{run_dir / "model"}',
                 '--pretrained')
     assert_starts_from(folder, again / 'checkpoint-0', head_kept=True)
 
-    coarse = run(tmp_path, 'coarse', *TINY, *DG, *FROZEN, '--dataset', data, '--label-column', 'coarse',
+    coarse = run(tmp_path, 'coarse', *TINY, *DG_MIX, *FROZEN, '--dataset', data, '--label-column', 'coarse',
                  '--model', f'local-dir:{run_dir / "model"}', '--pretrained')
     trained = load_file(coarse / 'checkpoint-0' / 'model.safetensors')
     assert trained[f'{HEAD}.weight'].shape[0] == 2
@@ -123,10 +120,8 @@ def test_bad_weights_are_one_clear_line(data, capsys, tmp_path):
 @pytest.mark.parametrize('model', [MODEL, f'hf-hub:timm/{MODEL}.c3_in1k'])
 def test_offline_pretrained_without_local_weights(model, data, tmp_path):
     """ No network and nothing cached: one line pointing at the offline ways, not a Hub traceback. """
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
-    cmd = [sys.executable, str(ROOT / 'train.py'), *TINY, '--dataset', str(data), '--model', model, '--pretrained',
-           '--output', str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_train_py(tmp_path, *TINY, '--dataset', data, '--model', model, '--pretrained',
+                        HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith('error: '), err
@@ -136,7 +131,7 @@ def test_offline_pretrained_without_local_weights(model, data, tmp_path):
 
 def test_layer_decay_with_gmix_sam(data, tmp_path):
     """ Each group's lr is the scheduled lr times its layer-decay scale, in the base optimizer SAM steps. """
-    run_dir = run(tmp_path, 'ld', *TINY, *DG, '--dataset', data, '--layer-decay', '0.5', '--lr', '0.1',
+    run_dir = run(tmp_path, 'ld', *TINY, *DG_MIX, '--dataset', data, '--layer-decay', '0.5', '--lr', '0.1',
                   '--sched', 'step', '--decay-epochs', '100')  # a constant lr over the run
     groups = torch.load(run_dir / 'checkpoint-0' / 'optimizer.bin', weights_only=True)['param_groups']
     scales = sorted({g['lr_scale'] for g in groups})
@@ -156,7 +151,7 @@ def _ema_state(checkpoint):
 
 @pytest.mark.parametrize('export_ema', [True, False], ids=['export_ema', 'export_live'])
 def test_model_ema_is_validated_and_exported_when_chosen(export_ema, data, tmp_path):
-    run_dir = run(tmp_path, 'ema', *TINY, *DG, '--lr', '0.05', '--dataset', data, '--model-ema',
+    run_dir = run(tmp_path, 'ema', *TINY, *DG_MIX, '--lr', '0.05', '--dataset', data, '--model-ema',
                   '--model-ema-decay', '0.5', *(['--export-ema'] if export_ema else []))
     row = read_summary(run_dir)[0]
     assert {'eval_top1', 'eval_ema_top1', 'eval_ema_loss', 'eval_ema_top5'} <= set(row)

@@ -1,7 +1,5 @@
 """ train.py end to end on the built-in digits, YAML configs, and bad input. """
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,23 +11,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from helpers import assert_bad_input, read_summary  # noqa: E402
+from helpers import assert_bad_input, read_summary, run_train_py  # noqa: E402
 
 # A small, fast run: a tenth of the digits, a small timm CNN with BatchNorm.
 FAST = ['--model', 'resnet10t', '--img-size', '32', '--train-subset', '0.1', '-b', '16', '--epochs', '1',
         '--workers', '0', '--hflip', '0', '--lr', '0.05', '--warmup-epochs', '0']
 
 
-def run_train(tmp_path, *argv):
-    """ Run train.py in a subprocess, as a user does. """
-    cmd = [sys.executable, str(ROOT / 'train.py'), *argv, '--output', str(tmp_path)]
-    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-
-
 def test_one_epoch_end_to_end(tmp_path):
-    proc = run_train(tmp_path, *FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'g',
-                     '--experiment', 'run')
+    proc = run_train_py(tmp_path, *FAST, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'g',
+                        '--experiment', 'run', OMP_NUM_THREADS='2')
     assert proc.returncode == 0, proc.stderr
     assert 'Validation top-1 accuracy:' in proc.stdout
     run_dir = tmp_path / 'run'

@@ -29,6 +29,13 @@ def subprocess_env() -> dict:
     return {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
+def run_train_py(output, *argv, timeout=600, **env) -> subprocess.CompletedProcess:
+    """ train.py in its own process, as a user runs it; `env` adds environment variables. """
+    cmd = [sys.executable, str(ROOT / 'train.py'), *map(str, argv), '--output', str(output)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**subprocess_env(), **env})
+
+
 def accelerate_launch(*script_and_args, mixed_precision='no', timeout=300) -> subprocess.CompletedProcess:
     """ Two CPU processes through Accelerate (gloo). Without ACCELERATE_USE_CPU=1 this would silently
     run two separate single-process jobs. """
