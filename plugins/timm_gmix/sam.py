@@ -8,9 +8,13 @@ then the base optimizer steps with the gradient taken at w + e.
 `import timm_gmix` registers it as `sam` (alias `gmix_sam`), so
 `timm.optim.create_optimizer_v2(model, opt='gmix_sam', base='adamw', rho=0.05)` builds it with
 timm's parameter groups (no weight decay on norms and biases, layer-decay `lr_scale`).
+
+`perturb` and `restore` are foreach operations (one per device and dtype) on buffers for w kept between
+steps (`TensorCopy`): after the first step SAM allocates nothing, ASAM only its temporary w^2.
 """
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info
@@ -30,10 +34,48 @@ def is_sam(opt: str) -> bool:
     return registry_name(opt) == 'sam'
 
 
+def group_by_device_and_dtype(
+        tensors: Iterable[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
+    """ Foreach kernels take their fast path only on lists of one device and dtype. """
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+class TensorCopy:
+    """ An exact copy of a list of tensors that `restore()` copies back into them. The buffers are kept
+    between saves: allocated on the first and again only when the tensors' shapes, strides, dtypes or
+    devices change. Each copy is one foreach operation per device and dtype. """
+
+    def __init__(self):
+        self._layout = None
+        self._sources: List[List[torch.Tensor]] = []
+        self._buffers: List[List[torch.Tensor]] = []
+
+    @torch.no_grad()
+    def save(self, tensors: Iterable[torch.Tensor]):
+        tensors = list(tensors)
+        layout = [(t.device, t.dtype, t.shape, t.stride()) for t in tensors]
+        self._sources = list(group_by_device_and_dtype(tensors).values())
+        if layout != self._layout:
+            self._layout = layout
+            self._buffers = [[torch.empty_like(t) for t in group] for group in self._sources]
+        for buffers, sources in zip(self._buffers, self._sources):
+            torch._foreach_copy_(buffers, sources)
+
+    @torch.no_grad()
+    def restore(self):
+        """ Copy the saved values back into the tensors they were saved from. """
+        for sources, buffers in zip(self._sources, self._buffers):
+            torch._foreach_copy_(sources, buffers)
+
+
 class SAM(torch.optim.Optimizer):
     """ SAM wrapper sharing its `param_groups` with the base optimizer.
 
-    A step is: gradient at w, `perturb()`, gradient at w + e, `restore()`, `step()`.
+    A step is: gradient at w, `perturb()`, gradient at w + e, `restore()`, `step()`; or, so that w comes
+    back however the pass at w + e ends, `with sam.perturbed(): ...` around that pass.
     `step()` alone steps the base optimizer (that is what GradScaler and Lookahead call);
     `step(closure)` runs the whole sequence with a closure that computes the loss and its gradient.
     `state_dict`/`load_state_dict` are the base optimizer's.
@@ -60,7 +102,8 @@ class SAM(torch.optim.Optimizer):
         # Registering the base's own group dicts makes every change (LR schedule, layer decay) seen by both.
         super().__init__(self.base_optimizer.param_groups, dict(rho=rho, adaptive=adaptive))
         self._link_base()
-        self._saved = {}  # w during a step, keyed by parameter
+        self.saved_w = TensorCopy()  # w at the last perturb(): kept after restore() so a step can be undone
+        self.is_perturbed = False  # the parameters are at w + e
 
     def _link_base(self):
         # One set of groups and one state: LR schedules reach the base, and what a wrapper such as
@@ -81,35 +124,48 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def perturb(self, grad_norm: Optional[torch.Tensor] = None):
-        """ Save w and move to w + e. Pass `grad_norm` when it was already computed (to check it). """
+        """ Save w and move to w + e. Pass `grad_norm` when it was already computed (to check it).
+        The gradient is spent: each `p.grad` holds e afterwards. """
+        if self.is_perturbed:
+            raise RuntimeError('SAM.perturb() called at w + e: restore() w first')
         grad_norm = self.grad_norm() if grad_norm is None else grad_norm
+        self.saved_w.save(p for group in self.param_groups for p in group['params'])
         for group in self.param_groups:
             scale = group['rho'] / (grad_norm + 1e-12)
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                self._saved[p] = p.detach().clone()
-                e = p.grad * scale.to(p.device)
+            with_grad = [p for p in group['params'] if p.grad is not None]
+            for (device, _), params in group_by_device_and_dtype(with_grad).items():
+                e = [p.grad for p in params]
+                torch._foreach_mul_(e, scale.to(device))
                 if group['adaptive']:
-                    e.mul_(p.square())
-                p.add_(e)
+                    torch._foreach_mul_(e, torch._foreach_pow(params, 2))
+                torch._foreach_add_(params, e)
+        self.is_perturbed = True
 
     @torch.no_grad()
     def restore(self):
         """ Copy the saved w back (subtracting e would drift, and DDP replicas would diverge). """
-        for p, w in self._saved.items():
-            p.copy_(w)
-        self._saved.clear()
+        if self.is_perturbed:
+            self.saved_w.restore()
+            self.is_perturbed = False
+
+    @contextmanager
+    def perturbed(self, grad_norm: Optional[torch.Tensor] = None):
+        """ At w + e inside the block; back at w when it ends, by an exception too (out of memory in the
+        pass at w + e must not leave a caller who goes on training from w + e). """
+        self.perturb(grad_norm)
+        try:
+            yield
+        finally:
+            self.restore()
 
     def step(self, closure=None):
         if closure is None:
             return self.base_optimizer.step()
         closure = torch.enable_grad()(closure)
         loss = closure()
-        self.perturb()
-        self.zero_grad()
-        closure()
-        self.restore()
+        with self.perturbed():
+            self.zero_grad()
+            closure()
         self.base_optimizer.step()
         return loss
 

@@ -4,15 +4,23 @@
     2. e from the ascent gradient; w <- w + e
     3. bg/dg only: sensitivity forward at w + e without gradient, flag ceil(gamma * B) examples
     4. descent pass at w + e on the descent batch (the mixed batch for g)
-    5. restore w by copy, unscale, clip, step the base optimizer
+    5. restore w by copy (also when the pass at w + e raises), unscale, clip, step the base optimizer
+    6. undo the step, weights and optimizer state bit for bit, unless the loss and gradient of both
+       passes and the weights and optimizer state after the step are finite
 
 Every pass at w + e normalizes with batch statistics but leaves BatchNorm running statistics as
 they were. Dropout and drop-path draw fresh masks in each pass. With an optimizer that is not SAM the
 same function makes a plain step (one pass), so baselines run through the same code.
+
+Host syncs: one per update on the g path and for a plain step, reading the skip decision after the step.
+Every check before it stays on the device, as GradScaler's found-inf does: the step is always made (after
+a non-finite ascent the pass at w + e runs at NaN weights) and undone where a check failed. BG/DG add the
+reads that selecting the flagged examples needs.
 """
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from timm.utils import dispatch_clip_grad
 
 from .mixup import GMixup, MixedBatch
-from .sam import find_sam
+from .sam import TensorCopy, find_sam, group_by_device_and_dtype
 from .sensitivity import flag_examples
 
 
@@ -35,12 +43,15 @@ def cross_entropy_per_example(logits: torch.Tensor, target: torch.Tensor, smooth
 @dataclass
 class StepResult:
     """ `loss`: mean loss at w on the (mixed) batch. `skipped`: no update was made (non-finite loss or
-    gradient). For bg/dg: per-example `sensitivity`, the `flagged` mask and `mixes_two_classes`. """
+    gradient, or `diverged`). `diverged`: the gradients were finite but the update made weights or optimizer
+    state non-finite, so it was undone. For bg/dg: per-example `sensitivity`, the `flagged` mask and
+    `mixes_two_classes` (None when the ascent pass was not finite). """
     loss: torch.Tensor
     skipped: bool
     sensitivity: Optional[torch.Tensor] = None
     flagged: Optional[torch.Tensor] = None
     mixes_two_classes: Optional[torch.Tensor] = None
+    diverged: bool = False
 
 
 @contextmanager
@@ -54,6 +65,78 @@ def frozen_bn_stats(model: torch.nn.Module):
     finally:
         for m in bns:
             m.track_running_stats = True
+
+
+def optimizer_states(optimizer) -> List[dict]:
+    """ The state of an optimizer and of those it wraps (timm's Lookahead keeps its slow weights in its
+    base's state; SAM shares its base's). """
+    states = []
+    while optimizer is not None:
+        if all(optimizer.state is not s for s in states):
+            states.append(optimizer.state)
+        optimizer = getattr(optimizer, '_base_optimizer', None) or getattr(optimizer, 'base_optimizer', None)
+    return states
+
+
+def tensors_in(states: Iterable[dict]) -> List[torch.Tensor]:
+    """ The tensors in optimizer states ({parameter: {name: value}}). """
+    return [v for state in states for s in state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """ A 0-d bool on `device`: every floating-point element is finite. Per tensor, sum |x| (in float32 or
+    wider) is NaN or inf when an element is, and otherwise only past 3.4e38, far beyond trainable values
+    (max |x| has no such bound but is several times slower on CPU). Tensors on another kind of device are
+    left out: reading them would wait for the accelerator (Adam's CPU step counts beside CUDA parameters). """
+    flags = [torch.ones((), dtype=torch.bool, device=device)]
+    for (where, dtype), group in group_by_device_and_dtype(tensors).items():
+        if where.type == device.type and dtype.is_floating_point:
+            norms = torch._foreach_norm(group, 1, dtype=torch.promote_types(dtype, torch.float32))
+            flags.append(torch.stack(norms).isfinite().all().to(device))
+    return torch.stack(flags).all()
+
+
+def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """ A 0-d bool on `device`: the parameters and the optimizer state are finite. """
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    return all_finite(params + tensors_in(optimizer_states(optimizer)), device)
+
+
+class UndoableStep:
+    """ Saves what `optimizer.step()` changes, so that the step can be undone bit for bit: the parameters,
+    every tensor and value in the optimizer's state (Lookahead's slow weights included) and the values of
+    its parameter groups (Lookahead counts its steps there). Its buffers are kept between steps. """
+
+    def __init__(self):
+        self._own_weights = TensorCopy()
+        self._weights = self._own_weights
+        self._state_tensors = TensorCopy()
+        self._states = []
+        self._groups = []
+
+    def save(self, optimizer: torch.optim.Optimizer, weights: Optional[TensorCopy] = None):
+        """ Call just before the step. `weights`: an exact copy of the parameters already made (SAM's w),
+        used instead of making one. """
+        if weights is None:
+            self._own_weights.save(p for group in optimizer.param_groups for p in group['params'])
+        self._weights = self._own_weights if weights is None else weights
+        self._states = [(state, {p: dict(s) for p, s in state.items()}) for state in optimizer_states(optimizer)]
+        self._state_tensors.save(tensors_in(saved for _, saved in self._states))
+        self._groups = [(g, {k: v for k, v in g.items() if k != 'params'}) for g in optimizer.param_groups]
+
+    def undo(self):
+        self._weights.restore()
+        self._state_tensors.restore()  # into the tensors the state held before: put them back below
+        for state, saved in self._states:
+            state.clear()
+            state.update(saved)
+        for group, saved in self._groups:
+            for k in set(group) - set(saved) - {'params'}:
+                del group[k]
+            group.update(saved)
+
+
+_UNDO = weakref.WeakKeyDictionary()  # optimizer -> its UndoableStep, so the buffers outlive one step
 
 
 def gmix_step(
@@ -136,38 +219,40 @@ def gmix_step(
         with autocast():
             return torch.cat([loss_fn(model(xc), yc) for xc, yc in micro_batches(x, y)])
 
-    def all_agree(ok: torch.Tensor) -> bool:
-        """ Replicas must take the same branch, or the next all-reduce waits forever. """
+    def all_agree(flags: torch.Tensor) -> List[bool]:
+        """ The one host read of a step. A flag is true only where it is true on every replica: replicas
+        must take the same branch, or the next all-reduce waits forever. """
         if accelerator is not None and accelerator.num_processes > 1:
-            ok = accelerator.reduce(ok.float(), reduction='sum') == accelerator.num_processes
-        return bool(ok)
+            flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
+        return flags.tolist()
 
     ones = torch.ones(batch_size, device=batch.inputs.device)
     loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sam is None or sync_ascent)
     result = StepResult(loss=loss_w.mean(), skipped=True)
+    ascent_ok = torch.isfinite(loss_w).all()
 
     if sam is not None:
         grad_norm = sam.grad_norm()
-        if not all_agree(torch.isfinite(grad_norm) & torch.isfinite(loss_w).all()):
+        ascent_ok &= torch.isfinite(grad_norm)
+        # Decided without a host read: after a non-finite ascent the NaN norm makes all of w + e NaN, so
+        # the descent gradient overflows too (a GradScaler backs off) and the step is undone below.
+        grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))
+        try:
+            with sam.perturbed(grad_norm):
+                stepper.zero_grad(set_to_none=True)
+                with frozen_bn_stats(model):
+                    if mode in ('bg', 'dg'):
+                        result.sensitivity = forward(batch.inputs, batch.targets) - loss_w
+                        flagged = flag_examples(
+                            result.sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
+                        result.flagged, result.mixes_two_classes = flagged, batch.mixes_two_classes
+                        x, y, weights = batch.descent_batch(flagged, mode)
+                    else:  # g: the mixed batch again (descent_batch would read `flagged` on the host)
+                        x, y, weights = batch.inputs, batch.targets, ones
+                    loss_e = forward_backward(x, y, weights, sync=True)
+        except BaseException:
             stepper.zero_grad(set_to_none=True)
-            if scaler is not None:
-                # The ascent overflowed at this loss scale: back off (and restart growth) as GradScaler
-                # does for an overflow in the step it checks.
-                state = scaler.state_dict()
-                state.update(scale=scaler.get_scale() * scaler.get_backoff_factor(), _growth_tracker=0)
-                scaler.load_state_dict(state)
-            return result
-        sam.perturb(grad_norm)
-        stepper.zero_grad(set_to_none=True)
-        with frozen_bn_stats(model):
-            flagged = torch.zeros(batch_size, dtype=torch.bool, device=ones.device)
-            if mode in ('bg', 'dg'):
-                result.sensitivity = forward(batch.inputs, batch.targets) - loss_w
-                flagged = flag_examples(result.sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
-                result.flagged, result.mixes_two_classes = flagged, batch.mixes_two_classes
-            x, y, weights = batch.descent_batch(flagged, mode)
-            loss_e = forward_backward(x, y, weights, sync=True)
-        sam.restore()
+            raise
     else:
         loss_e = loss_w
 
@@ -175,14 +260,24 @@ def gmix_step(
         scaler.unscale_(stepper)
     params = [p for group in stepper.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    result.skipped = not all_agree(torch.isfinite(grad_norm) & torch.isfinite(loss_e).all())
-    if not result.skipped:
-        if clip_grad is not None:
-            if clip_mode == 'norm':
-                torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
-            else:
-                dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-        stepper.step()
+    descent_ok = torch.isfinite(grad_norm) & torch.isfinite(loss_e).all()
+    if clip_grad is not None:
+        if clip_mode == 'norm':
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
+        else:
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+    # The step is made whatever the checks say (deciding first would cost a host read) and undone if any failed.
+    undo = _UNDO.setdefault(stepper, UndoableStep())
+    undo.save(stepper, sam.saved_w if sam is not None else None)
+    stepper.step()
+    update_ok = update_is_finite(stepper, ones.device)
+    ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
+    result.skipped = not (ascent_ok and descent_ok and update_ok)
+    result.diverged = ascent_ok and descent_ok and not update_ok
+    if result.skipped:
+        undo.undo()
+    if not ascent_ok:
+        result.sensitivity = result.flagged = result.mixes_two_classes = None
     if scaler is not None:
         scaler.update()
     stepper.zero_grad(set_to_none=True)
