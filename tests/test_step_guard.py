@@ -328,3 +328,18 @@ def test_g_path_reads_one_value_on_the_host(name, mixup, kwargs, make_mlp, make_
             result = gmix_step(model, opt, x * bad, y, mixup_fn=mixup_fn, **kwargs)
         assert result.skipped == (bad != 1.0)
         assert counter.count == 1
+
+
+@pytest.mark.parametrize('opt', ['gmix_sam', 'sgd'])
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(opt, make_cnn, make_batch):
+    """ The ascent pass updates BatchNorm's running statistics before the step is known to be skipped: a NaN
+    batch must not leave NaN statistics behind (they are saved in every checkpoint). """
+    model = make_cnn()
+    optimizer = create_optimizer_v2(model, opt=opt, lr=0.1, momentum=0.9)
+    x, y = make_batch(8)
+    assert not gmix_step(model, optimizer, x, y).skipped
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gmix_step(model, optimizer, torch.full_like(x, float('nan')), y)
+    assert result.skipped and not result.diverged
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -5,7 +5,7 @@
     3. bg/dg only: sensitivity forward at w + e without gradient, flag ceil(gamma * B) examples
     4. descent pass at w + e on the descent batch (the mixed batch for g)
     5. restore w by copy (also when the pass at w + e raises), unscale, clip, step the base optimizer
-    6. undo the step, weights and optimizer state bit for bit, unless the loss and gradient of both
+    6. undo the step (BatchNorm statistics, weights, optimizer state) bit for bit, unless the loss and gradient of both
        passes and the weights and optimizer state after the step are finite
 
 Every pass at w + e normalizes with batch statistics but leaves BatchNorm running statistics as
@@ -103,16 +103,22 @@ def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> 
 
 
 class UndoableStep:
-    """ Saves what `optimizer.step()` changes, so that the step can be undone bit for bit: the parameters,
-    every tensor and value in the optimizer's state (Lookahead's slow weights included) and the values of
-    its parameter groups (Lookahead counts its steps there). Its buffers are kept between steps. """
+    """ Saves what a step changes, so that it can be undone bit for bit: the model's buffers (BatchNorm
+    statistics, which the ascent pass updates: `save_buffers` before it), the parameters, every tensor and
+    value in the optimizer's state (Lookahead's slow weights included) and the values of its parameter groups
+    (Lookahead counts its steps there). Its buffers are kept between steps. """
 
     def __init__(self):
+        self._model_buffers = TensorCopy()
         self._own_weights = TensorCopy()
         self._weights = self._own_weights
         self._state_tensors = TensorCopy()
         self._states = []
         self._groups = []
+
+    def save_buffers(self, model: torch.nn.Module):
+        """ Call before the first pass of the step. """
+        self._model_buffers.save(model.buffers())
 
     def save(self, optimizer: torch.optim.Optimizer, weights: Optional[TensorCopy] = None):
         """ Call just before the step. `weights`: an exact copy of the parameters already made (SAM's w),
@@ -125,6 +131,7 @@ class UndoableStep:
         self._groups = [(g, {k: v for k, v in g.items() if k != 'params'}) for g in optimizer.param_groups]
 
     def undo(self):
+        self._model_buffers.restore()
         self._weights.restore()
         self._state_tensors.restore()  # into the tensors the state held before: put them back below
         for state, saved in self._states:
@@ -226,6 +233,8 @@ def gmix_step(
             flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
         return flags.tolist()
 
+    undo = _UNDO.setdefault(stepper, UndoableStep())
+    undo.save_buffers(model)
     ones = torch.ones(batch_size, device=batch.inputs.device)
     loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sam is None or sync_ascent)
     result = StepResult(loss=loss_w.mean(), skipped=True)
@@ -267,7 +276,6 @@ def gmix_step(
         else:
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
     # The step is made whatever the checks say (deciding first would cost a host read) and undone if any failed.
-    undo = _UNDO.setdefault(stepper, UndoableStep())
     undo.save(stepper, sam.saved_w if sam is not None else None)
     stepper.step()
     update_ok = update_is_finite(stepper, ones.device)
