@@ -18,14 +18,14 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from helpers import DG_MIX, assert_bad_input, read_summary, run_train_py  # noqa: E402
 from timm_gmix import GMixup, SAM  # noqa: E402
-from timm_gmix.config import build_parser  # noqa: E402
-from timm_gmix.factory import check_input_size, create_mixup, create_model, create_optimizer  # noqa: E402
+from timm_gmix.training.args import build_parser  # noqa: E402
+from timm_gmix.training.factory import check_input_size, create_mixup, create_model, create_optimizer  # noqa: E402
 
 MODEL = 'resnet10t'
 HEAD = 'fc'
 TINY = ['--model', MODEL, '--img-size', '32', '-b', '8', '--epochs', '1', '--workers', '0', '--warmup-epochs', '0']
 # lr 0 all the way (no warmup lr): every parameter stays where it started; BatchNorm statistics still move
-FROZEN = ['--lr', '0', '--warmup-lr', '0', '--min-lr', '0']
+FROZEN = ['--lr', '0', '--lr-base', '0', '--warmup-lr', '0', '--min-lr', '0']  # timm reads --lr 0 as unset
 
 
 @pytest.fixture(scope='module')
@@ -182,7 +182,7 @@ def test_preset_builds_without_network(preset):
     args = train.parse_args(['-c', str(preset)])
     num_classes = DATASET_CLASSES[args.dataset]
     if args.dataset in HUB_COLUMNS:
-        assert (args.image_column, args.label_column) == HUB_COLUMNS[args.dataset]
+        assert (args.input_key, args.target_key) == HUB_COLUMNS[args.dataset]
         assert (args.train_split, args.val_split) == ('train', 'test')
     # The same architecture without weights: hf-hub:timm/<name> names a timm model with a pretrained tag.
     if args.model.startswith('hf-hub:timm/'):
