@@ -96,10 +96,11 @@ def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.T
     return torch.stack(flags).all()
 
 
-def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """ A 0-d bool on `device`: the parameters and the optimizer state are finite. """
+def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device, buffers=()) -> torch.Tensor:
+    """ A 0-d bool on `device`: the parameters, the optimizer state and `buffers` (the model's: BatchNorm
+    statistics overflow too) are finite. """
     params = [p for group in optimizer.param_groups for p in group['params']]
-    return all_finite(params + tensors_in(optimizer_states(optimizer)), device)
+    return all_finite(params + tensors_in(optimizer_states(optimizer)) + list(buffers), device)
 
 
 class UndoableStep:
@@ -278,7 +279,7 @@ def gmix_step(
     # The step is made whatever the checks say (deciding first would cost a host read) and undone if any failed.
     undo.save(stepper, sam.saved_w if sam is not None else None)
     stepper.step()
-    update_ok = update_is_finite(stepper, ones.device)
+    update_ok = update_is_finite(stepper, ones.device, model.buffers())
     ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
     result.skipped = not (ascent_ok and descent_ok and update_ok)
     result.diverged = ascent_ok and descent_ok and not update_ok
