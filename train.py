@@ -2,43 +2,53 @@
 """ timm-style image classification training with G-Mix, BG-Mix and DG-Mix, on Hugging Face Accelerate.
 
     python train.py                                  # G-Mix on the built-in digits (configs/digits.yaml)
-    python train.py -c configs/digits_dg.yaml --epochs 5
-    accelerate launch train.py --opt gmix_sam --mixup 0.8 --mixup-mode dg --model resnet50 ...
+    python train.py /data/imagenet --model resnet50 --opt gmix_sam --mixup 0.8 --mixup-mode dg
+    accelerate launch train.py -c configs/digits_dg.yaml
 
-Every baseline runs through this script too (--opt sgd, --mixup 0, --cutmix 1.0, ...).
+timm's flags keep timm's meanings; every baseline runs through this script too (--opt sgd, --mixup 0, ...).
 """
 import dataclasses
+import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, set_seed
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, accuracy, update_summary
+from timm.utils import ModelEmaV3, accuracy, distribute_bn
 from tqdm import tqdm
 
-from timm_gmix import SensitivityMeter, cross_entropy_per_example, gmix_step
-from timm_gmix.checkpoint import export_model, load_checkpoint, resolve_checkpoint, save_checkpoint, trim_summary
-from timm_gmix.config import UsageError, main_guard, mixed_precision, parse_args
-from timm_gmix.data import load_splits, with_transforms
-from timm_gmix.factory import check_input_size, create_mixup, create_model, create_optimizer
+from timm_gmix import SensitivityMeter, gmix_step
+from timm_gmix.training.args import mixed_precision, parse_args, resolve_lr
+from timm_gmix.training.checkpoint import (
+    LAST, RECOVERY, CheckpointKeeper, RunLock, all_finite, copy_run, load_state, new_run_dir, newest_state,
+    resolve_resume, save_state)
+from timm_gmix.training.data import load_splits
+from timm_gmix.training.errors import UsageError, main_guard
+from timm_gmix.training.export import check_push_to_hub, export_model, push_to_hub
+from timm_gmix.training.factory import check_input_size, configure_model, create_mixup, create_model, create_optimizer
+from timm_gmix.training.loader import create_loaders, epoch_batches, with_transforms
+from timm_gmix.training.losses import create_loss
+from timm_gmix.training.tracking import log_epoch, log_step, start_tracking, tracker_names, trim_summary, write_summary
 
 DEFAULT_CONFIG = Path(__file__).parent / 'configs' / 'digits.yaml'
 
 
 @dataclasses.dataclass
 class TrainState:
-    """ Counters that a resumed run continues from (checkpointed with the rest). """
+    """ Where training stands, checkpointed with the rest: a resumed run continues from here, mid-epoch
+    included (`updates_in_epoch` updates of epoch `epoch + 1` done, with that epoch's running sums, one entry
+    per process: Accelerate saves registered objects from the main process only). """
     epoch: int = -1
+    updates_in_epoch: int = 0
     num_updates: int = 0
     bad_steps: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = -1
+    history: list = dataclasses.field(default_factory=list)  # [[metric, epoch], ...], best first
+    epoch_sums: list = dataclasses.field(default_factory=list)
 
     def state_dict(self):
         return dataclasses.asdict(self)
@@ -48,44 +58,104 @@ class TrainState:
             setattr(self, key, value)
 
 
-def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, scheduler, ema, state, accelerator, args):
+class EpochMeter:
+    """ Running sums of one epoch (on the device: no host sync per step), kept in TrainState at recovery points. """
+
+    def __init__(self, device, sums=None):
+        self.loss, self.steps, self.skipped = torch.zeros((), device=device), 0, 0
+        self.flagging = SensitivityMeter()
+        if sums:
+            self.loss, self.steps, self.skipped = sums['loss'].to(device), sums['steps'], sums['skipped']
+            flagging = sums['flagging']['sums']
+            self.flagging.load_state_dict({'sums': None if flagging is None else flagging.to(device)})
+
+    def update(self, result):
+        self.steps += 1
+        self.skipped += int(result.skipped)
+        if not result.skipped:
+            self.loss += result.loss.detach().float()
+        if result.sensitivity is not None:
+            self.flagging.update(result.sensitivity, result.flagged, result.mixes_two_classes)
+
+    def state_dict(self):
+        sums = self.flagging.state_dict()['sums']
+        return {'loss': self.loss.cpu(), 'steps': self.steps, 'skipped': self.skipped,
+                'flagging': {'sums': None if sums is None else sums.cpu()}}
+
+    def compute(self, accelerator):
+        counts = accelerator.reduce(torch.tensor([self.steps - self.skipped, self.skipped], device=self.loss.device), 'sum')
+        loss = accelerator.reduce(self.loss, 'sum') / counts[0].clamp(min=1)
+        return {'loss': loss.item(), 'skipped': int(counts[1]), **self.flagging.compute(accelerator)}
+
+
+class Stopped(SystemExit):
+    """ Training cannot go on; the message says what is on disk. """
+
+
+def on_disk(run_dir) -> str:
+    state = newest_state(run_dir)
+    return f'the last checkpoint, {state}, is intact' if state is not None else 'no checkpoint was written yet'
+
+
+def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, scheduler, ema, state, accelerator, args,
+                    run_dir, save_recovery):
     model.train()
-    loss_sum, steps, skipped = torch.zeros((), device=accelerator.device), 0, 0
-    meter = SensitivityMeter()
-    bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, disable=not accelerator.is_local_main_process)
-    for inputs, targets in bar:
+    meter = EpochMeter(accelerator.device, state.epoch_sums[accelerator.process_index] if state.epoch_sums else None)
+    accum = args.grad_accum_steps
+    updates = math.ceil(len(loader) / accum)
+    batches = iter(epoch_batches(loader, epoch, skip=state.updates_in_epoch * accum))
+    bar = tqdm(range(state.updates_in_epoch, updates), desc=f'epoch {epoch}', leave=False,
+               disable=not accelerator.is_local_main_process)
+    for update in bar:
+        # timm's --grad-accum-steps: one update from `accum` loader batches (the last update takes what is left)
+        group = [next(batches) for _ in range(min(accum, len(loader) - update * accum))]
+        inputs, targets = (torch.cat(t) for t in zip(*group))
+        if args.channels_last or args.model_dtype:
+            inputs = inputs.to(dtype=getattr(torch, args.model_dtype or 'float32'),
+                               memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         result = gmix_step(model, optimizer, inputs, targets, mixup_fn, loss_fn, accelerator,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, sync_ascent=args.sync_ascent,
-                           accum_steps=args.grad_accum_steps)
-        steps += 1
-        if result.skipped:
-            skipped += 1
-            state.bad_steps += 1
-            if state.bad_steps >= args.max_bad_steps:
-                raise SystemExit(f'error: {state.bad_steps} steps in a row had a non-finite loss or gradient; '
-                                 f'stopped (lower --lr or set --clip-grad); the last checkpoint is intact')
-        else:
-            state.bad_steps = 0
-            loss_sum += result.loss
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=state.num_updates)
-        if result.sensitivity is not None:
-            meter.update(result.sensitivity, result.flagged, result.mixes_two_classes)
+                           accum_steps=len(group))
+        meter.update(result)
+        state.bad_steps = state.bad_steps + 1 if result.skipped else 0
+        if state.bad_steps >= args.max_bad_steps:
+            raise Stopped(f'error: {state.bad_steps} steps in a row had a non-finite loss, gradient or update; '
+                          f'stopped in epoch {epoch} (lower --lr or set --clip-grad); {on_disk(run_dir)}')
+        if ema is not None and not result.skipped:
+            ema.update(accelerator.unwrap_model(model), step=state.num_updates)
         state.num_updates += 1
         scheduler.step_update(num_updates=state.num_updates)
-        bar.set_postfix(loss=f'{result.loss.item():.3f}')
-    counts = accelerator.reduce(torch.tensor([steps - skipped, skipped], device=accelerator.device), 'sum')
-    loss = accelerator.reduce(loss_sum, 'sum') / counts[0].clamp(min=1)
-    return {'loss': loss.item(), 'skipped': int(counts[1]), **meter.compute(accelerator)}
+        if args.synchronize_step and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if (update + 1) % args.log_interval == 0 or update + 1 == updates:
+            values = {'loss': result.loss.item(), 'lr': optimizer.param_groups[0]['lr'], 'skipped': meter.skipped}
+            if result.flagged is not None:
+                values['flagged_two_class'] = int((result.flagged & result.mixes_two_classes).sum())
+            bar.set_postfix(loss=f'{values["loss"]:.3f}')
+            log_step(accelerator, state.num_updates, values)
+            if args.save_images and accelerator.is_main_process:
+                import torchvision
+                torchvision.utils.save_image(inputs, run_dir / f'train-batch-{epoch}-{update}.jpg', normalize=True)
+        if args.recovery_interval and (update + 1) % args.recovery_interval == 0 and update + 1 < updates:
+            state.updates_in_epoch, state.epoch_sums = update + 1, gather_object([meter.state_dict()])
+            save_recovery((epoch, update + 1))
+    state.updates_in_epoch, state.epoch_sums = 0, []
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+    return meter.compute(accelerator)
 
 
 @torch.no_grad()
-def validate(model, loader, accelerator):
+def validate(model, loader, accelerator, args):
     model.eval()
     loss_sum, top1, top5, count = 0.0, 0.0, 0.0, 0
     for inputs, targets in loader:
+        if args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
-            logits = model(inputs)
+            logits = model(inputs.to(dtype=getattr(torch, args.model_dtype or 'float32')))
+        if args.tta > 1:  # timm's test-time augmentation reduction
+            logits, targets = logits.unfold(0, args.tta, args.tta).mean(dim=2), targets[::args.tta]
         logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
         acc1, acc5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[-1])))
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
@@ -93,96 +163,186 @@ def validate(model, loader, accelerator):
     return {'loss': loss_sum / count, 'top1': top1 / count, 'top5': top5 / count}
 
 
+def make_accelerator(args) -> Accelerator:
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)] if args.no_ddp_bb else []
+    dynamo = TorchDynamoPlugin(backend=args.torchcompile, mode=args.torchcompile_mode) if args.torchcompile else None
+    accelerator = Accelerator(
+        cpu=args.device == 'cpu', mixed_precision=mixed_precision(args), log_with=tracker_names(args),
+        project_dir=args.output or 'output/train',  # start_tracking points the trackers at the run folder
+        kwargs_handlers=handlers, dynamo_plugin=dynamo,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UsageError(f'{accelerator.distributed_type.value} is not supported: the SAM step needs whole '
+                         f'parameters on each process; use DDP (accelerate launch --multi_gpu)')
+    return accelerator
+
+
+def open_run(args, accelerator, resume):
+    """ The run folder, shared by every process: the resumed run's own folder when continuing from its newest
+    state; otherwise a new folder (a copy of the older run's summary when restarting from an older state). """
+    run_dir = None
+    if accelerator.is_main_process:
+        if resume is not None and resume[2]:
+            run_dir = resume[1]
+        else:
+            model_name = Path(args.model.split(':', 1)[-1]).name  # hf-hub:timm/<name>, local-dir:<folder>
+            run_dir = new_run_dir(args.output, args.experiment, f'{model_name}-{args.img_size or "default"}')
+            if resume is not None:
+                copy_run(resume[1], run_dir)
+    run_dir = Path(broadcast_object_list([run_dir])[0])
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
+    return run_dir, lock
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(a.split('=')[0] in ('-c', '--config', '--dataset') for a in argv):
-        argv = ['-c', str(DEFAULT_CONFIG), *argv]  # the built-in digits train with their own preset
-    args = parse_args(argv)
-    set_seed(args.seed)
-    if args.resume:
-        resolve_checkpoint(args.resume)
-    model_name = Path(args.model.split(':', 1)[-1]).name  # hf-hub:timm/<name>, local-dir:<folder>
-    experiment = args.experiment or f'{model_name}-{args.opt}-{args.mixup_mode}-{args.seed}'
-    run_dir = Path(args.output) / experiment
+    args = parse_args(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
+    for module in args.device_modules or ():
+        __import__(module)
+    resume = resolve_resume(args.resume) if args.resume else None
+    tracker_names(args)
+    check_push_to_hub(args)
 
     train_split, val_split, num_classes = load_splits(args)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UsageError(f'--num-classes {args.num_classes} disagrees with the data, which has {num_classes} '
                          f'classes: drop --num-classes or fix the label column')
+    set_seed(args.seed)
     model = create_model(args, num_classes)
     train_set, val_set, data_config = with_transforms(train_split, val_split, args, model)
+    model = configure_model(model, args)
     check_input_size(model, args, data_config['input_size'])
 
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(args),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UsageError(f'{accelerator.distributed_type.value} is not supported: the SAM step needs whole '
-                         f'parameters on each process; use DDP (accelerate launch --multi_gpu)')
-    if len(train_set) < args.batch_size * accelerator.num_processes:
-        raise UsageError(f'{len(train_set)} training examples are fewer than one batch of {args.batch_size} '
-                         f'per process: lower --batch-size')
-
-    loader_args = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=args.workers > 0)
-    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, args.validation_batch_size or args.batch_size, **loader_args)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed, device_specific=True)  # timm: seed + rank (lam, masks); DDP syncs the initial weights
+    train_loader, val_loader = create_loaders(train_set, val_set, args, accelerator)
+    if len(train_loader) < args.grad_accum_steps:
+        raise UsageError(f'{len(train_set)} training examples do not fill one update of {args.grad_accum_steps} x '
+                         f'{args.batch_size} per process: lower --batch-size or --grad-accum-steps')
+    args.lr = resolve_lr(args, accelerator.num_processes)
     optimizer = create_optimizer(args, model)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay, device=accelerator.device) if args.model_ema else None
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                     device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
+    model, optimizer = accelerator.prepare(model, optimizer)
     # timm schedulers are stepped by hand: Accelerate would step a prepared one once per process.
-    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(train_loader))
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, args.eval_metric == 'loss'),
+                                                updates_per_epoch=updates_per_epoch)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
-    if args.resume:
-        accelerator.print(f'resumed from {load_checkpoint(accelerator, args.resume)}')
-        if state.epoch + 1 >= num_epochs:
-            raise UsageError(f'the run in {args.resume} already trained all {num_epochs} epochs: '
-                             f'raise --epochs to train longer')
-        if accelerator.is_main_process:
-            trim_summary(run_dir / 'summary.csv', state.epoch)
-
     mixup_fn = create_mixup(args, num_classes)
-    loss_fn = partial(cross_entropy_per_example, smoothing=args.smoothing)
+    loss_fn = create_loss(args, num_classes)
 
+    run_dir, lock = open_run(args, accelerator, resume)
+    meta = {'model': args.model, 'num_classes': num_classes, 'opt': args.opt, 'sam_base': args.sam_base}
+    if resume is not None:
+        fresh_optimizer = optimizer.state_dict()
+        load_state(accelerator, resume[0], meta)
+        if args.no_resume_opt:
+            optimizer.load_state_dict(fresh_optimizer)
+        accelerator.print(f'resumed from {resume[0]}')
+        if not resume[2]:  # restarted from an older state into a new folder: its best checkpoints stay behind
+            state.history.clear()
+    if args.start_epoch is not None:
+        state.epoch, state.updates_in_epoch = args.start_epoch - 1, 0
+        scheduler.step(args.start_epoch) if not args.sched_on_updates else \
+            scheduler.step_update(args.start_epoch * updates_per_epoch)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+        trim_summary(run_dir / 'summary.csv', state.epoch)
+        if resume is None:
+            (run_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+
+    def evaluated():  # as in timm, a validated EMA is what best selection ranks
+        return ema.module if ema is not None and not args.model_ema_force_cpu else accelerator.unwrap_model(model)
+
+    keeper = CheckpointKeeper(run_dir, state.history, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+
+    def card(final_metrics):
+        metric, epoch = keeper.best
+        return {'dataset': args.dataset or args.data_dir, 'num_train': len(train_set), 'num_val': len(val_set),
+                'label_names': getattr(train_split.features[args.target_key], 'names', None),
+                'final': final_metrics, 'best_metric': metric, 'best_epoch': epoch, 'eval_metric': args.eval_metric,
+                'epochs_trained': state.epoch + 1}
+
+    def export_best(metrics=None):
+        folder = export_model(evaluated(), run_dir / 'model_best', args, data_config, card(metrics))
+        best_file = run_dir / 'model_best.safetensors'  # the same file, for timm.models.load_checkpoint
+        best_file.unlink(missing_ok=True)
+        best_file.hardlink_to(folder / 'model.safetensors')
+
+    def save_recovery(position):
+        save_state(accelerator, run_dir / RECOVERY, {**meta, 'position': position})
+
+    if state.epoch + 1 >= num_epochs and state.updates_in_epoch == 0:
+        if (run_dir / 'model').is_dir():
+            raise UsageError(f'the run in {run_dir} already trained all {num_epochs} epochs: raise --epochs to '
+                             f'train longer')
+        accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did not finish exporting')
+    if resume is not None and resume[2] and accelerator.is_main_process:  # repair a kill between save and links
+        keeper.materialize(state.epoch, export_best if state.updates_in_epoch == 0 else None)
+    start_tracking(accelerator, args, run_dir, run_dir.name)
     accelerator.print(f'{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) | '
                       f'{args.opt} | mixup-mode {args.mixup_mode} | {len(train_set)} train / {len(val_set)} val '
                       f'images, {num_classes} classes | {accelerator.num_processes} process(es), '
-                      f'precision {accelerator.mixed_precision} | {run_dir}')
+                      f'precision {accelerator.mixed_precision} | lr {args.lr:.4g} | {run_dir}')
 
+    eval_metrics = {}
     for epoch in range(state.epoch + 1, num_epochs):
         start = time.time()
-        train_loader.set_epoch(epoch)
-        train_metrics = train_one_epoch(epoch, model, optimizer, train_loader, mixup_fn, loss_fn, scheduler,
-                                        ema, state, accelerator, args)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        train_metrics = train_one_epoch(epoch, model, optimizer, train_loader, mixup_fn, loss_fn, scheduler, ema,
+                                        state, accelerator, args, run_dir, save_recovery)
         images_per_sec = len(train_loader) * args.batch_size * accelerator.num_processes / (time.time() - start)
-        eval_metrics = validate(model, val_loader, accelerator)
-        if ema is not None:
-            eval_metrics.update({f'ema_{k}': v for k, v in validate(ema, val_loader, accelerator).items()})
-        scheduler.step(epoch + 1, eval_metrics['top1'])
+        if accelerator.num_processes > 1 and args.dist_bn:
+            distribute_bn(model, accelerator.num_processes, args.dist_bn == 'reduce')
         state.epoch = epoch
-        if eval_metrics['top1'] > state.best_top1:
-            state.best_top1, state.best_epoch = eval_metrics['top1'], epoch
+        if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:
+            scheduler.step(epoch + 1)
+            continue
+        eval_metrics = validate(model, val_loader, accelerator, args)
+        if ema is not None and not args.model_ema_force_cpu:
+            eval_metrics.update({f'ema_{k}': v for k, v in validate(ema, val_loader, accelerator, args).items()})
+        metric = eval_metrics[f'ema_{args.eval_metric}' if f'ema_{args.eval_metric}' in eval_metrics
+                              else args.eval_metric]
+        scheduler.step(epoch + 1, metric)
         lr = optimizer.param_groups[0]['lr']
         if accelerator.is_main_process:
             # The row goes first: if the save below is interrupted, resuming from the previous checkpoint
             # trims this row and repeats the epoch; the other order would lose the row for good.
-            update_summary(epoch, train_metrics, eval_metrics, run_dir / 'summary.csv', lr=lr)
-        save_checkpoint(accelerator, run_dir, epoch)
+            write_summary(run_dir / 'summary.csv', epoch, train_metrics, eval_metrics, lr)
+        log_epoch(accelerator, epoch, {**{f'train_{k}': v for k, v in train_metrics.items()},
+                                       **{f'eval_{k}': v for k, v in eval_metrics.items()}, 'lr': lr})
+        weights = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else [])]
+        if not all_finite([*weights, *(t for s in optimizer.state_dict()['state'].values() for t in s.values())]):
+            raise Stopped(f'error: the weights or optimizer state are not finite after epoch {epoch}: not saved '
+                          f'(lower --lr or set --clip-grad); {on_disk(run_dir)}')
+        keeper.rank(epoch, metric)
+        save_state(accelerator, run_dir / LAST, {**meta, 'position': (epoch + 1, 0)})
+        if accelerator.is_main_process:
+            keeper.materialize(epoch, lambda: export_best(eval_metrics))
+        accelerator.wait_for_everyone()
         extra = ''.join(f' | {k} {v:.4g}' for k, v in train_metrics.items() if k not in ('loss', 'skipped'))
         accelerator.print(f'epoch {epoch + 1}/{num_epochs} | train loss {train_metrics["loss"]:.4f} | '
                           f'val loss {eval_metrics["loss"]:.4f} | val top1 {eval_metrics["top1"]:.2f}% | '
                           f'lr {lr:.3g} | skipped {train_metrics["skipped"]}{extra} | train {images_per_sec:.0f} img/s | '
                           f'{time.time() - start:.1f}s')
 
+    if not eval_metrics:  # a finished run that is only exported now
+        eval_metrics = validate(model, val_loader, accelerator, args)
     final = ema.module if ema is not None and args.export_ema else accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        export_model(final, run_dir / 'model', model_args=args.model_kwargs, data_config=data_config)
+        final_card = card(eval_metrics)
+        export_model(final, run_dir / 'model', args, data_config, final_card)
+        if args.push_to_hub:
+            push_to_hub(final, run_dir / 'model', args, data_config, final_card)
+    accelerator.end_training()
+    best_metric, best_epoch = keeper.best
+    ranked = f'EMA {args.eval_metric}' if ema is not None and not args.model_ema_force_cpu else args.eval_metric
     accelerator.print(f'Validation top-1 accuracy: {eval_metrics["top1"]:.2f}% '
-                      f'(best {state.best_top1:.2f}% at epoch {state.best_epoch + 1}); model in {run_dir / "model"}')
+                      f'(best {ranked} {best_metric:.4g} at epoch {best_epoch + 1}); model in '
+                      f'{run_dir / "model"}, best in {run_dir / "model_best"}')
+    if lock is not None:
+        lock.release()
 
 
 if __name__ == '__main__':

@@ -149,8 +149,9 @@ def train_py_images_per_sec(flags) -> float:
 
 def overhead(args):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from timm_gmix.config import parse_args
-    from timm_gmix.data import load_splits, with_transforms
+    from timm_gmix.training.args import parse_args
+    from timm_gmix.training.data import load_splits
+    from timm_gmix.training.loader import with_transforms
 
     flags = [*OVERHEAD_FLAGS, '-b', str(args.batch_size), '--workers', '0']
     cfg = parse_args(flags)

@@ -3,6 +3,8 @@ accumulation in train.py, and the GradScaler contract of `gmix_step` (unscale ex
 
 The two-process checks run tests/scripts/ddp_worker.py under `accelerate launch`, once per precision,
 and compare what each rank saved. """
+import json
+
 import pytest
 import timm
 import torch
@@ -10,10 +12,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from helpers import DG_MIX, ROOT, SCRIPTS, SMALL_RUN, accelerate_launch, read_summary, train_main
+from helpers import DG_MIX, ROOT, SCRIPTS, SMALL_RUN, accelerate_launch, assert_same, read_summary, train_main
 from timm_gmix import GMixup, gmix_step
-from timm_gmix.config import parse_args
-from timm_gmix.data import load_splits, with_transforms
+from timm_gmix.training.args import parse_args
+from timm_gmix.training.data import load_splits
+from timm_gmix.training.loader import with_transforms
 
 WORKER_STEPS = 3  # ddp_worker.STEPS
 # Worker scenarios by launch precision; dg and g use a CNN with BatchNorm and different data per rank.
@@ -103,7 +106,7 @@ def test_train_py_on_two_processes_counts_each_validation_example_once(tmp_path)
     assert 0 <= int(row['train_flagged_two_class']) <= 3 * 2 * 8
 
     model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval()
-    args = parse_args(argv)
+    args = parse_args(argv, default_config=ROOT / 'configs' / 'digits.yaml')
     train_split, val_split, _ = load_splits(args)
     _, val_set, _ = with_transforms(train_split, val_split, args, model)
     assert len(val_set) == 359 and len(val_set) % (2 * 16)
@@ -118,21 +121,35 @@ def test_train_py_on_two_processes_counts_each_validation_example_once(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient accumulation in train.py (gmix_step's own accumulation is pinned in test_step.py)
+# Kill and resume on two processes
 
 
-def test_train_py_grad_accum_steps_gives_the_whole_batch_run(tmp_path):
-    """ test_vit has LayerNorm, not BatchNorm, so two micro-batches of 8 give the update of one batch of 16. """
-    base = [*SMALL_RUN, '--model', 'test_vit', '--epochs', '1', '--opt', 'gmix_sam', '--mixup', '0.8',
-            '--mixup-mode', 'g', '--output', tmp_path]
-    for accum in (1, 2):
-        train_main([*base, '--grad-accum-steps', accum, '--experiment', f'accum{accum}'])
-    whole, accumulated = (load_file(tmp_path / f'accum{k}' / 'checkpoint-0' / 'model.safetensors') for k in (1, 2))
-    for name, weights in whole.items():
-        torch.testing.assert_close(accumulated[name], weights, rtol=1e-5, atol=1e-6, msg=name)
-    [row1], [row2] = read_summary(tmp_path / 'accum1'), read_summary(tmp_path / 'accum2')
-    assert row2['train_skipped'] == '0'
-    assert float(row2['train_loss']) == pytest.approx(float(row1['train_loss']), rel=1e-5)
+def test_two_processes_killed_mid_run_resume_bit_for_bit(tmp_path):
+    """ Two processes with 2 loader workers each are killed (SIGKILL, whatever they were doing) once a
+    mid-epoch recovery point of epoch 1 exists; the same command with --resume ends with the uninterrupted
+    run's state, rows and model, bit for bit. """
+    argv = [*SMALL_RUN, *DG_MIX, '--workers', '2', '--epochs', '3', '--warmup-epochs', '1', '--recovery-interval', '1',
+            '--output', tmp_path]
+    assert accelerate_launch(ROOT / 'train.py', *argv, '--experiment', 'whole').returncode == 0
+    run_dir = tmp_path / 'killed'
+    proc = accelerate_launch(ROOT / 'train.py', *argv, '--experiment', 'killed',
+                             kill_when=lambda: position(run_dir / 'recovery') >= [1, 1])
+    assert proc.returncode != 0, 'the run ended before it was killed'
+    resumed = accelerate_launch(ROOT / 'train.py', *argv[:-2], '--resume', run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert read_summary(run_dir) == read_summary(tmp_path / 'whole')
+    assert (run_dir / 'last' / 'model.safetensors').read_bytes() == \
+        (tmp_path / 'whole' / 'last' / 'model.safetensors').read_bytes()
+    assert_same(*(torch.load(folder / 'last' / 'optimizer.bin', weights_only=True) for folder in (run_dir, tmp_path / 'whole')))
+    assert (run_dir / 'model' / 'model.safetensors').read_bytes() == \
+        (tmp_path / 'whole' / 'model' / 'model.safetensors').read_bytes()
+
+
+def position(folder) -> list:
+    try:
+        return json.loads((folder / 'checkpoint.json').read_text())['position']
+    except (OSError, ValueError):
+        return [-1, -1]
 
 
 # ----------------------------------------------------------------------------------------------

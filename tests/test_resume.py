@@ -1,26 +1,30 @@
-""" Checkpoints in train.py: an interrupted run resumes as if never stopped, an interrupted save loses
-nothing, a corrupt checkpoint is one clear line, and non-finite steps are skipped, counted and stop
-the run when too many come in a row. """
+""" Checkpoints in train.py: an interrupted run (between epochs, mid-epoch, during a save or the final
+export) resumes as if never stopped, with worker processes; a damaged, incomplete or mismatched checkpoint
+is one clear line; non-finite steps are skipped, counted and stop the run with the truth about what is on
+disk; the best checkpoints are kept as timm keeps them. """
 import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from helpers import DG_MIX, SMALL_RUN, assert_same, read_summary, train_main, train_module
-from timm_gmix.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from timm_gmix.config import UsageError, main_guard
+from timm_gmix.training.checkpoint import LAST, RECOVERY, RunLock, load_state, newest_state, save_state
+from timm_gmix.training.errors import UsageError, main_guard
 
-# DG-Mix (numpy's RNG draws lam), random crops and flips (torch's RNG), warmup then cosine (the
-# scheduler's state), EMA: everything a resume has to restore.
-RUN = [*SMALL_RUN, *DG_MIX, '--epochs', '3', '--sched', 'cosine', '--warmup-epochs', '1', '--lr', '0.05',
-       '--model-ema']
+# DG-Mix (numpy's RNG draws lam), random crops and flips drawn in 2 worker processes, warmup then cosine
+# (the scheduler's state), EMA, recovery points every 2 updates: everything a resume has to restore.
+RUN = [*SMALL_RUN, *DG_MIX, '--workers', '2', '--epochs', '3', '--sched', 'cosine', '--warmup-epochs', '1',
+       '--lr', '0.05', '--model-ema', '--recovery-interval', '2']
 STEPS_PER_EPOCH = 6  # 108 images in batches of 16, the last one dropped
+META = {'model': 'resnet10t', 'num_classes': 10, 'opt': 'gmix_sam', 'sam_base': 'sgd'}
 
 
 class Interrupted(Exception):
@@ -35,10 +39,18 @@ def file_digests(folder) -> dict:
 
 
 def checkpoint_contents(folder) -> dict:
-    """ Every file of an Accelerate checkpoint, loaded: weights, optimizer, RNG states, scheduler, train
-    state and EMA (the objects registered for checkpointing). """
-    return {p.name: load_file(p) if p.suffix == '.safetensors' else torch.load(p, weights_only=False)
+    """ Every file of a training state, loaded: weights, optimizer, RNG states, scheduler, train state, EMA. """
+    return {p.name: load_file(p) if p.suffix == '.safetensors' else
+            p.read_text() if p.suffix == '.json' else torch.load(p, weights_only=False)
             for p in sorted(Path(folder).iterdir())}
+
+
+def read_manifest_position(folder):
+    return json.loads((Path(folder) / 'checkpoint.json').read_text())['position']
+
+
+def run_files(run_dir) -> list:
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name != '.lock')
 
 
 @pytest.fixture(scope='module')
@@ -52,53 +64,72 @@ def uninterrupted(tmp_path_factory) -> Path:
 # Exact resume
 
 
-def stop_after_saving(monkeypatch, epoch):
-    """ The run is stopped right after the checkpoint of `epoch` is complete. """
+def stop_after_saving(monkeypatch, folder, position):
+    """ The run is stopped right after the state `folder` (last or recovery) at `position` is complete. """
     train = train_module()
-    save = train.save_checkpoint
+    save = train.save_state
 
-    def save_then_stop(accelerator, run_dir, saved_epoch, *args, **kwargs):
-        path = save(accelerator, run_dir, saved_epoch, *args, **kwargs)
-        if saved_epoch == epoch:
-            raise Interrupted(f'stopped after saving epoch {epoch}')
-        return path
+    def save_then_stop(accelerator, path, meta):
+        saved = save(accelerator, path, meta)
+        if Path(path).name == folder and tuple(meta['position']) == position:
+            raise Interrupted(f'stopped after saving {folder} at {position}')
+        return saved
 
-    monkeypatch.setattr(train, 'save_checkpoint', save_then_stop)
+    monkeypatch.setattr(train, 'save_state', save_then_stop)
 
 
-def kill_saving(monkeypatch, epoch):
-    """ The run is killed while it writes the checkpoint of `epoch`: its weights file is half written. """
-    save_state = Accelerator.save_state
+def kill_saving(monkeypatch, position):
+    """ The run is killed while it writes last/ at `position`: its weights file is half written. """
+    train = train_module()
+    save = train.save_state
 
-    def save_state_killed(self, output_dir=None, **kwargs):
-        location = save_state(self, output_dir, **kwargs)
-        if Path(output_dir).name == f'checkpoint-{epoch}.tmp':
-            weights = Path(output_dir) / 'model.safetensors'
+    def save_killed(accelerator, path, meta):
+        if Path(path).name == LAST and tuple(meta['position']) == position:
+            accelerator.save_state(str(path) + '.tmp')
+            weights = Path(str(path) + '.tmp') / 'model.safetensors'
             weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
-            raise Interrupted(f'killed while saving epoch {epoch}')
-        return location
+            raise Interrupted(f'killed while saving {position}')
+        return save(accelerator, path, meta)
 
-    monkeypatch.setattr(Accelerator, 'save_state', save_state_killed)
+    monkeypatch.setattr(train, 'save_state', save_killed)
+
+
+def kill_exporting(monkeypatch):
+    """ The run is killed while it exports the final model/ (after every epoch was checkpointed). """
+    train = train_module()
+    export = train.export_model
+
+    def export_killed(model, folder, *args, **kwargs):
+        if Path(folder).name == 'model':
+            raise Interrupted('killed while exporting')
+        return export(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'export_model', export_killed)
 
 
 # name: (how the first run ends, the summary rows it leaves)
 INTERRUPTIONS = {
-    'stopped after epoch 0': (lambda monkeypatch: stop_after_saving(monkeypatch, 0), [0]),
-    'killed while saving epoch 1': (lambda monkeypatch: kill_saving(monkeypatch, 1), [0, 1]),
+    'stopped after epoch 0': (lambda patch: stop_after_saving(patch, LAST, (1, 0)), [0]),
+    'stopped mid-epoch 1': (lambda patch: stop_after_saving(patch, RECOVERY, (1, 4)), [0]),
+    'killed while saving epoch 1': (lambda patch: kill_saving(patch, (2, 0)), [0, 1]),
+    'killed while exporting': (kill_exporting, [0, 1, 2]),
 }
 
 
-def test_uninterrupted_schedule(uninterrupted):
-    """ Warmup for epoch 0, then cosine over 3 epochs: the LR logged after each epoch is the next one's. """
+def test_uninterrupted_schedule_and_folder(uninterrupted):
+    """ Warmup for epoch 0, then cosine over 3 epochs: the LR logged after each epoch is the next one's.
+    The recovery point of the last epoch is gone once last/ supersedes it. """
     rows = read_summary(uninterrupted)
     assert [int(row['epoch']) for row in rows] == [0, 1, 2]
     expected = [0.05 * (1 + math.cos(math.pi * t / 3)) / 2 for t in (1, 2)] + [0.0]
     assert [float(row['lr']) for row in rows] == pytest.approx(expected, abs=1e-12)
     assert {row['train_flagged_frac'] for row in rows} == {'0.5'}
+    assert run_files(uninterrupted) == sorted(['args.yaml', 'summary.csv', 'last', 'checkpoint-0', 'checkpoint-1',
+                                               'checkpoint-2', 'model', 'model_best', 'model_best.safetensors'])
 
 
 @pytest.mark.parametrize('interruption', sorted(INTERRUPTIONS))
-def test_resume_continues_as_if_never_stopped(interruption, uninterrupted, tmp_path, monkeypatch):
+def test_resume_continues_as_if_never_stopped(interruption, uninterrupted, tmp_path, monkeypatch, capsys):
     interrupt, rows_left = INTERRUPTIONS[interruption]
     run_dir = tmp_path / 'run'
     argv = [*RUN, '--output', tmp_path, '--experiment', 'run']
@@ -106,22 +137,99 @@ def test_resume_continues_as_if_never_stopped(interruption, uninterrupted, tmp_p
         interrupt(patch)
         with pytest.raises(Interrupted):
             train_main(argv)
-    assert list_checkpoints(run_dir) == [run_dir / 'checkpoint-0']
     assert [int(row['epoch']) for row in read_summary(run_dir)] == rows_left
 
-    train_main([*argv, '--resume', run_dir])
+    capsys.readouterr()
+    train_main([*argv[:-4], '--resume', run_dir])  # the same command, --resume instead of --output/--experiment
+    assert 'resumed from' in capsys.readouterr().out
     # summary.csv was trimmed to the checkpoint and continued: the same rows, values and LRs.
     assert read_summary(run_dir) == read_summary(uninterrupted)
-    assert list_checkpoints(run_dir) == [run_dir / 'checkpoint-2']
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in uninterrupted.iterdir())
+    assert run_files(run_dir) == run_files(uninterrupted)
     # Weights, optimizer (momentum buffers, LR), scheduler, train state, EMA and RNG states, bit for bit.
-    assert_same(checkpoint_contents(run_dir / 'checkpoint-2'), checkpoint_contents(uninterrupted / 'checkpoint-2'))
-    assert_same(load_file(run_dir / 'model' / 'model.safetensors'),
-                load_file(uninterrupted / 'model' / 'model.safetensors'))
+    assert_same(checkpoint_contents(run_dir / LAST), checkpoint_contents(uninterrupted / LAST))
+    for folder in ('model', 'model_best'):
+        assert_same(load_file(run_dir / folder / 'model.safetensors'),
+                    load_file(uninterrupted / folder / 'model.safetensors'))
+
+
+def test_a_finished_run_is_not_trained_again(uninterrupted, tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    shutil.copytree(uninterrupted, run_dir)
+    before = file_digests(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(lambda: train_main([*RUN, '--resume', run_dir]))
+    assert exit_info.value.code == 2
+    assert 'already trained all 3 epochs' in capsys.readouterr().err
+    assert file_digests(run_dir) == before
 
 
 # ----------------------------------------------------------------------------------------------
-# Interrupted saves and corrupt checkpoints
+# Run folders
+
+
+def test_runs_never_share_a_folder(tmp_path, capsys):
+    """ Without --experiment every run gets a new timestamped folder; an --experiment that holds a run, or a
+    run folder in use by another process, is one line and nothing in it changes. """
+    argv = [*SMALL_RUN, '--opt', 'sgd', '--epochs', '1', '--output', tmp_path]
+    train_main(argv)
+    train_main(argv)
+    first, second = sorted(p for p in tmp_path.iterdir())
+    assert first.name.endswith('-resnet10t-32') and second.name.startswith(first.name[:8])
+    assert read_summary(first) and read_summary(second) and first != second
+
+    before = file_digests(first)
+    for argv_more, expected in ((['--experiment', first.name], 'already holds a run'),):
+        with pytest.raises(SystemExit):
+            main_guard(lambda: train_main([*argv, *argv_more]))
+        assert expected in capsys.readouterr().err
+    lock = RunLock(first)
+    try:
+        with pytest.raises(SystemExit):
+            main_guard(lambda: train_main([*argv[:-2], '--epochs', '2', '--resume', first]))
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and 'in use' in err, err
+    finally:
+        lock.release()
+    assert file_digests(first) == before
+
+
+def test_resume_from_an_older_checkpoint_starts_a_new_folder(uninterrupted, tmp_path):
+    """ Rewinding to checkpoint-0 of a finished run leaves that run as it was and trains epochs 1-2 anew in a
+    new folder, which then holds the uninterrupted run's rows. """
+    source = tmp_path / 'source'
+    shutil.copytree(uninterrupted, source)
+    before = file_digests(source)
+    train_main([*RUN, '--output', tmp_path, '--resume', source / 'checkpoint-0'])
+    assert file_digests(source) == before
+    [rewound] = [p for p in tmp_path.iterdir() if p.name != 'source']
+    assert read_summary(rewound) == read_summary(uninterrupted)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints as timm keeps them
+
+
+def test_checkpoint_hist_keeps_the_best_and_model_best_loads_in_timm(tmp_path):
+    run_dir = tmp_path / 'run'
+    train_main([*SMALL_RUN, '--opt', 'sgd', '--epochs', '3', '--lr', '0.05', '--checkpoint-hist', '2',
+                '--output', tmp_path, '--experiment', 'run'])
+    rows = read_summary(run_dir)
+    ranked = sorted(rows, key=lambda r: (-float(r['eval_top1']), int(r['epoch'])))
+    kept = sorted(int(r['epoch']) for r in ranked[:2])
+    assert sorted(p.name for p in run_dir.glob('checkpoint-*')) == [f'checkpoint-{e}' for e in kept]
+    best = int(ranked[0]['epoch'])
+    weights = load_file(run_dir / f'checkpoint-{best}' / 'model.safetensors')
+    model = timm.create_model('resnet10t', num_classes=10)
+    timm.models.load_checkpoint(model, str(run_dir / 'model_best.safetensors'))
+    assert_same({k: v for k, v in model.state_dict().items()}, weights)
+    exported = timm.create_model(f'local-dir:{run_dir / "model_best"}', pretrained=True)
+    assert_same(exported.state_dict(), weights)
+    # The kept checkpoints are hard links to what last/ held, not second copies.
+    assert (run_dir / f'checkpoint-{int(rows[-1]["epoch"])}').exists() == (int(rows[-1]['epoch']) in kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupted saves, damaged, incomplete and mismatched checkpoints
 
 
 class Counter:
@@ -147,66 +255,89 @@ def prepared(accelerator):
     return accelerator, model, counter
 
 
-def test_interrupted_save_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):
+def test_interrupted_save_keeps_the_previous_state(prepared, tmp_path, monkeypatch):
     accelerator, model, counter = prepared
     counter.value = 1
-    save_checkpoint(accelerator, tmp_path, 0)
-    saved_weights, saved_files = model.weight.detach().clone(), file_digests(tmp_path / 'checkpoint-0')
+    save_state(accelerator, tmp_path / LAST, {**META, 'position': (1, 0)})
+    saved_weights, saved_files = model.weight.detach().clone(), file_digests(tmp_path / LAST)
 
     with torch.no_grad():
         model.weight.add_(1.0)
     counter.value = 2
-    with monkeypatch.context() as patch:
-        kill_saving(patch, 1)
-        with pytest.raises(Interrupted):
-            save_checkpoint(accelerator, tmp_path, 1)
-    assert list_checkpoints(tmp_path) == [tmp_path / 'checkpoint-0']
-    assert file_digests(tmp_path / 'checkpoint-0') == saved_files
+    save = Accelerator.save_state
 
-    assert load_checkpoint(accelerator, tmp_path) == tmp_path / 'checkpoint-0'
+    def killed(self, output_dir=None, **kwargs):
+        save(self, output_dir, **kwargs)
+        raise Interrupted('killed after writing the temporary folder, before verifying it')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Accelerator, 'save_state', killed)
+        with pytest.raises(Interrupted):
+            save_state(accelerator, tmp_path / LAST, {**META, 'position': (2, 0)})
+    assert file_digests(tmp_path / LAST) == saved_files
+    load_state(accelerator, tmp_path / LAST, META)
     assert torch.equal(model.weight, saved_weights) and counter.value == 1
 
-    # The next complete save replaces the half-written one and drops the older checkpoint.
-    save_checkpoint(accelerator, tmp_path, 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-1']
+
+def test_non_finite_weights_are_never_saved(prepared, tmp_path):
+    accelerator, model, _ = prepared
+    save_state(accelerator, tmp_path / LAST, {**META, 'position': (1, 0)})
+    before = file_digests(tmp_path / LAST)
+    with torch.no_grad():
+        model.weight[0, 0] = float('inf')
+    with pytest.raises(SystemExit, match='not all finite'):
+        save_state(accelerator, tmp_path / LAST, {**META, 'position': (2, 0)})
+    assert file_digests(tmp_path / LAST) == before
 
 
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
-DAMAGED_FILES = ['model.safetensors', 'optimizer.bin']
+# name: (what is done to the copied run's last/, the words of the one line)
+DAMAGE = {
+    'truncated weights': (lambda last: truncate(last / 'model.safetensors'), 'model.safetensors'),
+    'truncated optimizer': (lambda last: truncate(last / 'optimizer.bin'), 'optimizer.bin'),
+    'missing RNG state': (lambda last: (last / 'random_states_0.pkl').unlink(), 'random_states_0.pkl is missing'),
+    'missing manifest': (lambda last: (last / 'checkpoint.json').unlink(), 'checkpoint.json is missing'),
+}
 
 
-@pytest.mark.parametrize('damaged', DAMAGED_FILES)
-def test_corrupt_checkpoint_is_a_usage_error(damaged, prepared, tmp_path):
-    accelerator, model, _ = prepared
-    checkpoint = save_checkpoint(accelerator, tmp_path, 0)
-    truncate(checkpoint / damaged)
-    with pytest.raises(UsageError) as error:
-        load_checkpoint(accelerator, tmp_path)
-    message = str(error.value)
-    assert '\n' not in message and 'corrupt' in message and str(checkpoint) in message
-
-
-@pytest.mark.parametrize('damaged', DAMAGED_FILES)
-def test_train_py_resume_from_corrupt_checkpoint(damaged, uninterrupted, tmp_path, capsys):
-    """ One line on stderr, exit status 2, nothing written or removed. """
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_resume_from_a_damaged_checkpoint_is_one_line(damage, uninterrupted, tmp_path, capsys):
+    """ One line on stderr naming the file, exit status 2, nothing written or removed. """
     run_dir = tmp_path / 'run'
     shutil.copytree(uninterrupted, run_dir)
-    truncate(run_dir / 'checkpoint-2' / damaged)
+    shutil.rmtree(run_dir / 'model')  # so that resuming would export, not refuse a finished run
+    do, expected = DAMAGE[damage]
+    do(run_dir / LAST)
     before = file_digests(run_dir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main_guard(lambda: train_main([*RUN, '--output', tmp_path, '--experiment', 'run', '--resume', run_dir]))
+        main_guard(lambda: train_main([*RUN, '--resume', run_dir]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith('error: ') and 'corrupt' in err, err
+    assert len(err.splitlines()) == 1 and err.startswith('error: ') and expected in err, err
     assert file_digests(run_dir) == before
 
 
+@pytest.mark.parametrize('flags, expected', [
+    (['--model', 'resnet14t'], '--model resnet10t, not resnet14t'),
+    (['--opt', 'sgd', '--mixup-mode', 'batch'], '--opt gmix_sam, not sgd'),
+])
+def test_resume_with_another_model_or_optimizer_says_so(flags, expected, uninterrupted, tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / 'model')
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main_guard(lambda: train_main([*RUN, *flags, '--resume', run_dir]))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
 # ----------------------------------------------------------------------------------------------
-# Non-finite steps
+# Non-finite steps and divergence
 
 
 def poison_steps(monkeypatch, steps):
@@ -225,32 +356,36 @@ def poison_steps(monkeypatch, steps):
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
     """ --max-bad-steps 2: two bad steps apart in epoch 1 are skipped and counted; two in a row at the
-    start of epoch 2 stop the run with the checkpoint of epoch 1 intact, and the run resumes from it. """
+    start of epoch 2 stop the run, which says that last/ of epoch 1 is intact, and it is; the run resumes. """
     run_dir = tmp_path / 'run'
-    argv = [*RUN, '--max-bad-steps', '2', '--output', tmp_path, '--experiment', 'run']
+    argv = [*RUN, '--max-bad-steps', '2', '--recovery-interval', '0', '--output', tmp_path, '--experiment', 'run']
     epoch1, epoch2 = STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH
-    digests = {}
-    train = train_module()
-    save = train.save_checkpoint
-
-    def save_and_record(accelerator, folder, epoch, *args, **kwargs):
-        path = save(accelerator, folder, epoch, *args, **kwargs)
-        digests[epoch] = file_digests(path)
-        return path
-
     with monkeypatch.context() as patch:
         poison_steps(patch, {epoch1 + 2, epoch1 + 4, epoch2 + 1, epoch2 + 2})
-        patch.setattr(train, 'save_checkpoint', save_and_record)
-        with pytest.raises(SystemExit, match='2 steps in a row had a non-finite loss or gradient'):
+        with pytest.raises(SystemExit, match=f'2 steps in a row had a non-finite .* the last checkpoint, '
+                                             f'{run_dir / LAST}, is intact'):
             train_main(argv)
     rows = read_summary(run_dir)
     assert [(row['epoch'], row['train_skipped']) for row in rows] == [('0', '0'), ('1', '2')]
     assert all(math.isfinite(float(row['train_loss'])) for row in rows)
-    assert list_checkpoints(run_dir) == [run_dir / 'checkpoint-1']
-    assert file_digests(run_dir / 'checkpoint-1') == digests[1]
+    assert read_manifest_position(run_dir / LAST) == [2, 0]
 
     capsys.readouterr()
-    train_main([*argv, '--resume', run_dir])
+    train_main([*argv[:-4], '--resume', run_dir])
     assert 'resumed from' in capsys.readouterr().out
     rows = read_summary(run_dir)
     assert [(row['epoch'], row['train_skipped']) for row in rows] == [('0', '0'), ('1', '2'), ('2', '0')]
+
+
+def test_divergence_never_replaces_a_good_checkpoint(tmp_path):
+    """ lr 1e6 after a warmup epoch: the steps that would make the weights non-finite are rolled back and
+    counted, the run stops, and every state on disk is finite. """
+    run_dir = tmp_path / 'run'
+    with pytest.raises(SystemExit) as stop:
+        train_main([*SMALL_RUN, '--opt', 'sgd', '--epochs', '3', '--warmup-epochs', '1', '--lr', '1e6',
+                    '--output', tmp_path, '--experiment', 'run'])
+    message = str(stop.value)
+    state = newest_state(run_dir)
+    assert (f'the last checkpoint, {state}, is intact' if state else 'no checkpoint was written yet') in message
+    for weights in run_dir.rglob('*.safetensors'):
+        assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights

@@ -25,7 +25,7 @@ def flag_examples(sensitivity: torch.Tensor, gamma: float, largest: bool = True)
 class SensitivityMeter:
     """ Accumulates, over an epoch, what a researcher looks at: the flagged fraction, the mean sensitivity
     of flagged and unflagged examples, and how many flagged examples mix two different classes.
-    `compute(accelerator)` sums over processes first. """
+    `compute(accelerator)` sums over processes first; `state_dict` lets a mid-epoch checkpoint keep the sums. """
 
     def __init__(self):
         self.sums = None
@@ -41,6 +41,12 @@ class SensitivityMeter:
             (flagged & mixes_two_classes).float().sum(),
         ])
         self.sums = row if self.sums is None else self.sums + row
+
+    def state_dict(self):
+        return {'sums': self.sums}
+
+    def load_state_dict(self, state):
+        self.sums = state['sums']
 
     def compute(self, accelerator=None) -> dict:
         if self.sums is None:

@@ -2,9 +2,12 @@
 reading what a run leaves on disk, and the check that bad input is one clear line. """
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +39,48 @@ def run_train_py(output, *argv, timeout=600, **env) -> subprocess.CompletedProce
                           env={**subprocess_env(), **env})
 
 
-def accelerate_launch(*script_and_args, mixed_precision='no', timeout=300) -> subprocess.CompletedProcess:
+def descendants(pid: int) -> list:
+    """ Every process below `pid`, from /proc. """
+    children = {}
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def accelerate_launch(*script_and_args, mixed_precision='no', timeout=300, kill_when=None) -> subprocess.CompletedProcess:
     """ Two CPU processes through Accelerate (gloo). Without ACCELERATE_USE_CPU=1 this would silently
-    run two separate single-process jobs. """
+    run two separate single-process jobs. `kill_when()`, polled, kills the launcher and its processes with
+    SIGKILL once it returns True (as a machine failure would). """
     cmd = [sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', '--multi_gpu',
            '--num_processes', '2', '--num_machines', '1', '--mixed_precision', mixed_precision,
            '--dynamo_backend', 'no', '--main_process_port', str(free_port()), *map(str, script_and_args)]
     env = {**subprocess_env(), 'ACCELERATE_USE_CPU': '1'}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if kill_when is None:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:  # pipes could fill and block
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
+        deadline = time.time() + timeout
+        while proc.poll() is None and not kill_when() and time.time() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            for pid in [proc.pid, *descendants(proc.pid)]:  # torch's launcher starts its workers in new sessions
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def train_module():
