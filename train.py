@@ -122,7 +122,7 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
             raise Stopped(f'error: {state.bad_steps} steps in a row had a non-finite loss, gradient or update; '
                           f'stopped in epoch {epoch} (lower --lr or set --clip-grad); {on_disk(run_dir)}')
         if ema is not None and not result.skipped:
-            ema.update(accelerator.unwrap_model(model), step=state.num_updates)
+            ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.num_updates)
         state.num_updates += 1
         scheduler.step_update(num_updates=state.num_updates)
         if args.synchronize_step and torch.cuda.is_available():
@@ -252,7 +252,7 @@ def main(argv=None):
             (run_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
 
     def evaluated():  # as in timm, a validated EMA is what best selection ranks
-        return ema.module if ema is not None and not args.model_ema_force_cpu else accelerator.unwrap_model(model)
+        return ema.module if ema is not None and not args.model_ema_force_cpu else accelerator.unwrap_model(model, keep_torch_compile=False)
 
     keeper = CheckpointKeeper(run_dir, state.history, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
 
@@ -329,7 +329,7 @@ def main(argv=None):
 
     if not eval_metrics:  # a finished run that is only exported now
         eval_metrics = validate(model, val_loader, accelerator, args)
-    final = ema.module if ema is not None and args.export_ema else accelerator.unwrap_model(model)
+    final = ema.module if ema is not None and args.export_ema else accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         final_card = card(eval_metrics)
         export_model(final, run_dir / 'model', args, data_config, final_card)

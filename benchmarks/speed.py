@@ -3,6 +3,7 @@
     python benchmarks/speed.py                                  # resnet18, 32x32, batch 64
     python benchmarks/speed.py --model vit_tiny_patch16_224 --img-size 224 -b 32
     python benchmarks/speed.py --overhead                       # train.py against a bare loop, digits data
+    python benchmarks/speed.py --device cuda --model resnet50 --img-size 224 -b 128 --precision bf16 --compile
 
 Every mode runs in this one process, on the same model (one copy each, same initial weights) and the same
 batch. Rounds are interleaved: each round times `--steps` steps of every mode, in a shuffled order, and the
@@ -13,11 +14,19 @@ profiler's memory timeline on the CPU.
 `naive_sam` is the textbook SAM loop with timm's Mixup, written here as the reference a user would write by
 hand; `g` is timm_gmix's step on the same mixed batch.
 
+On a GPU (the default when one is present) the batch is synthetic random data made on the device. With
+`--precision fp16|bf16` every mode runs through one Accelerator with that mixed precision (autocast; fp16 adds
+Accelerate's GradScaler: the hand-written loops step through the prepared optimizer, gmix_step uses the
+accelerator), and `--compile` runs every mode on `torch.compile(model)` (inductor; the warm-up steps compile, so
+raise `--warmup` if a mode still compiles in the timed rounds). The GPU table adds images per second and the
+absolute peak memory of a step.
+
 `--overhead` measures train.py itself: its training images per second with SGD and timm's Mixup on the built-in
 digits (the rate it prints per epoch, validation and checkpointing excluded) against a bare loop over the same
 model, data pipeline and batch size, interleaved round by round.
 """
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -38,11 +47,21 @@ from timm.optim import create_optimizer_v2
 import timm_gmix
 
 
-def naive_sam_step(model, optimizer, mixup_fn, x, y, rho=0.05):
-    """ The textbook SAM step: e = rho * g / ||g||, w + e, gradient there, w - e, base step. """
+def forward_backward(model, x, target, accelerator=None):
+    """ Soft-target cross-entropy and its gradient, under the accelerator's autocast and loss scale if given. """
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        loss = SoftTargetCrossEntropy()(model(x), target)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+
+
+def naive_sam_step(model, optimizer, mixup_fn, x, y, accelerator=None, rho=0.05):
+    """ The textbook SAM step: e = rho * g / ||g||, w + e, gradient there, w - e, base step. A loss scale
+    cancels in e, and the prepared optimizer unscales before its step. """
     x, target = mixup_fn(x, y)
-    loss_fn = SoftTargetCrossEntropy()
-    loss_fn(model(x), target).backward()
+    forward_backward(model, x, target, accelerator)
     params = [p for p in model.parameters() if p.grad is not None]
     with torch.no_grad():
         norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
@@ -50,7 +69,7 @@ def naive_sam_step(model, optimizer, mixup_fn, x, y, rho=0.05):
         for p, e in zip(params, eps):
             p.add_(e)
     optimizer.zero_grad()
-    loss_fn(model(x), target).backward()
+    forward_backward(model, x, target, accelerator)
     with torch.no_grad():
         for p, e in zip(params, eps):
             p.sub_(e)
@@ -58,41 +77,52 @@ def naive_sam_step(model, optimizer, mixup_fn, x, y, rho=0.05):
     optimizer.zero_grad()
 
 
-def sgd_mixup_step(model, optimizer, mixup_fn, x, y):
+def sgd_mixup_step(model, optimizer, mixup_fn, x, y, accelerator=None):
     x, target = mixup_fn(x, y)
-    SoftTargetCrossEntropy()(model(x), target).backward()
+    forward_backward(model, x, target, accelerator)
     optimizer.step()
     optimizer.zero_grad()
 
 
-def build_modes(args, device):
-    """ mode name -> a function making one training step on (x, y), each with its own model and optimizer. """
+MODES = ('sgd_mixup', 'naive_sam', 'sam', 'g', 'bg', 'dg')
+REFERENCES = ('sgd_mixup', 'naive_sam', 'g')  # the columns of the table divide by these
+
+
+def build_modes(args, device, accelerator=None):
+    """ mode name -> a function making one training step on (x, y), each with its own model and optimizer
+    (prepared by `accelerator` if given, compiled with --compile). """
     torch.manual_seed(args.seed)
     base_model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs).to(device).train()
+    if args.channels_last:
+        base_model = base_model.to(memory_format=torch.channels_last)
     mix = dict(mixup_alpha=0.8, label_smoothing=0.1, num_classes=args.num_classes)
 
     def make(opt, **opt_kwargs):
         model = copy.deepcopy(base_model)
-        return model, create_optimizer_v2(model, opt=opt, lr=0.01, weight_decay=5e-4, **opt_kwargs)
+        optimizer = create_optimizer_v2(model, opt=opt, lr=0.01, weight_decay=5e-4, **opt_kwargs)
+        if accelerator is not None:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        return (torch.compile(model) if args.compile else model), optimizer
 
     def gmix(mode, mixup=True, **kw):
         model, opt = make('gmix_sam', base='sgd', rho=0.05)
         mixup_fn = timm_gmix.GMixup(**mix, mode=mode, gmix_ratio=args.gamma) if mixup else None
-        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, **kw)
+        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, accelerator=accelerator, **kw)
 
     def plain(step_fn, opt, **opt_kwargs):
         model, optimizer = make(opt, **opt_kwargs)
         mixup_fn = Mixup(**mix)
-        return lambda x, y: step_fn(model, optimizer, mixup_fn, x, y)
+        return lambda x, y: step_fn(model, optimizer, mixup_fn, x, y, accelerator)
 
-    return {
-        'sgd_mixup': plain(sgd_mixup_step, 'sgd'),
-        'naive_sam': plain(naive_sam_step, 'sgd'),
-        'sam': gmix('g', mixup=False),
-        'g': gmix('g'),
-        'bg': gmix('bg'),
-        'dg': gmix('dg'),
+    builders = {
+        'sgd_mixup': lambda: plain(sgd_mixup_step, 'sgd'),
+        'naive_sam': lambda: plain(naive_sam_step, 'sgd'),
+        'sam': lambda: gmix('g', mixup=False),
+        'g': lambda: gmix('g'),
+        'bg': lambda: gmix('bg'),
+        'dg': lambda: gmix('dg'),
     }
+    return {name: builders[name]() for name in args.modes}
 
 
 def synchronize(device):
@@ -123,12 +153,13 @@ def peak_memory(step, batch, device) -> float:
 OVERHEAD_FLAGS = ['-c', 'configs/digits.yaml', '--opt', 'sgd', '--mixup', '0.8', '--mixup-mode', 'batch']
 
 
-def bare_loop_images_per_sec(model, optimizer, loader, mixup_fn) -> float:
-    """ One epoch of the loop a user writes by hand: mix, forward, backward, step. """
+def bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device) -> float:
+    """ One epoch of the loop a user writes by hand: to the device, mix, forward, backward, step. """
     start, images = time.perf_counter(), 0
     for x, y in loader:
-        sgd_mixup_step(model, optimizer, mixup_fn, x, y)
+        sgd_mixup_step(model, optimizer, mixup_fn, x.to(device), y.to(device))
         images += len(x)
+    synchronize(device)
     return images / (time.perf_counter() - start)
 
 
@@ -153,24 +184,25 @@ def overhead(args):
     from timm_gmix.training.data import load_splits
     from timm_gmix.training.loader import with_transforms
 
-    flags = [*OVERHEAD_FLAGS, '-b', str(args.batch_size), '--workers', '0']
+    device = torch.device(args.device)
+    flags = [*OVERHEAD_FLAGS, '-b', str(args.batch_size), '--workers', '0', '--device', device.type]
     cfg = parse_args(flags)
     train_split, val_split, num_classes = load_splits(cfg)
-    model = timm.create_model(cfg.model, num_classes=num_classes).train()
+    model = timm.create_model(cfg.model, num_classes=num_classes).to(device).train()
     train_set, _, _ = with_transforms(train_split, val_split, cfg, model)
     loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True)
     optimizer = create_optimizer_v2(model, opt='sgd', lr=cfg.lr, weight_decay=cfg.weight_decay)
     mixup_fn = Mixup(mixup_alpha=cfg.mixup, label_smoothing=cfg.smoothing, num_classes=num_classes)
-    bare_loop_images_per_sec(model, optimizer, loader, mixup_fn)  # warm-up
+    bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device)  # warm-up
     bare, script = [], []
     for _ in range(args.rounds):
-        bare.append(bare_loop_images_per_sec(model, optimizer, loader, mixup_fn))
+        bare.append(bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device))
         script.append(train_py_images_per_sec(flags))
     ratio = statistics.median(t / b for t, b in zip(script, bare))
     lines = [
         f'train.py against a bare loop: `{cfg.model}` {cfg.img_size}x{cfg.img_size} on the built-in digits, '
         f'SGD + timm Mixup, batch {cfg.batch_size}, {args.rounds} interleaved rounds; '
-        f'cpu, {torch.get_num_threads()} threads, torch {torch.__version__}.',
+        f'{device.type} ({machine_name(device)}), torch {torch.__version__}.',
         '',
         f'Command: `python benchmarks/speed.py {" ".join(sys.argv[1:])}`',
         '',
@@ -196,17 +228,30 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precision', default='no', choices=('no', 'fp16', 'bf16'),
+                        help="mixed precision through Accelerate (its names); 'no': float32 without an Accelerator")
+    parser.add_argument('--compile', action='store_true', help='torch.compile every mode (inductor)')
+    parser.add_argument('--channels-last', action='store_true', help='model and batch in channels-last layout')
+    parser.add_argument('--modes', type=lambda s: s.split(','), default=list(MODES),
+                        help=f'comma-separated subset of {",".join(MODES)} (fewer compile faster with --compile); '
+                             f'{",".join(REFERENCES)} are needed')
     parser.add_argument('--overhead', action='store_true', help="measure train.py's own overhead instead")
     parser.add_argument('--out', default=None, help='write the Markdown table here')
     args = parser.parse_args()
+    if not set(REFERENCES) <= set(args.modes) <= set(MODES):
+        parser.error(f'--modes must be among {",".join(MODES)} and include {",".join(REFERENCES)}')
     if args.overhead:
+        if args.precision != 'no' or args.compile or args.channels_last:
+            parser.error('--overhead measures float32 eager training: drop --precision, --compile, --channels-last')
         return write(overhead(args), args.out)
 
     device = torch.device(args.device)
-    modes = build_modes(args, device)
+    modes = build_modes(args, device, make_accelerator(args, device))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
     for step in modes.values():
@@ -228,24 +273,46 @@ def main():
     def ratio(name, ref):
         return statistics.median(t / r for t, r in zip(times[name], times[ref]))
 
-    rows = [
-        (name, statistics.median(times[name]) * 1e3, ratio(name, 'sgd_mixup'), ratio(name, 'naive_sam'),
-         ratio(name, 'g'), memory[name] / memory['sgd_mixup'])
-        for name in modes
-    ]
-    machine = (torch.cuda.get_device_name() if device.type == 'cuda'
-               else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
+    columns = {
+        'step (ms, median)': lambda n: f'{statistics.median(times[n]) * 1e3:.1f}',
+        'time / sgd_mixup': lambda n: f'{ratio(n, "sgd_mixup"):.3f}',
+        'time / naive_sam': lambda n: f'{ratio(n, "naive_sam"):.3f}',
+        'time / g': lambda n: f'{ratio(n, "g"):.3f}',
+        'peak memory / sgd_mixup': lambda n: f'{memory[n] / memory["sgd_mixup"]:.3f}',
+    }
+    if device.type == 'cuda':  # the CPU table stays as committed in results/speed.md
+        columns['images/s'] = lambda n: f'{args.batch_size / statistics.median(times[n]):.0f}'
+        columns['peak memory (MiB)'] = lambda n: f'{memory[n] / 2 ** 20:.0f}'
+    setup = ''.join(f', {flag}' for flag, on in (
+        (f'{args.precision} mixed precision', args.precision != 'no'), ('torch.compile', args.compile),
+        ('channels-last', args.channels_last)) if on)
     lines = [
-        f'Model `{args.model}` {args.img_size}x{args.img_size}, batch {args.batch_size}, gamma {args.gamma}, '
-        f'{args.rounds} interleaved rounds of {args.steps} steps; {device.type} ({machine}), torch {torch.__version__}.',
+        f'Model `{args.model}` {args.img_size}x{args.img_size}, batch {args.batch_size}, gamma {args.gamma}{setup}, '
+        f'{args.rounds} interleaved rounds of {args.steps} steps; {device.type} ({machine_name(device)}), '
+        f'torch {torch.__version__}.',
         '',
         f'Command: `python benchmarks/speed.py {" ".join(sys.argv[1:])}`',
         '',
-        '| mode | step (ms, median) | time / sgd_mixup | time / naive_sam | time / g | peak memory / sgd_mixup |',
-        '| --- | ---: | ---: | ---: | ---: | ---: |',
-        *[f'| {n} | {ms:.1f} | {a:.3f} | {b:.3f} | {c:.3f} | {m:.3f} |' for n, ms, a, b, c, m in rows],
+        '| mode | ' + ' | '.join(columns) + ' |',
+        '| --- |' + ' ---: |' * len(columns),
+        *['| ' + ' | '.join([name, *(cell(name) for cell in columns.values())]) + ' |' for name in modes],
     ]
     write(lines, args.out)
+
+
+def make_accelerator(args, device):
+    """ One Accelerator for every mode on a GPU or with mixed precision (fp16 brings its GradScaler); none for
+    float32 on the CPU, as the committed CPU tables were measured. """
+    if device.type == 'cpu' and args.precision == 'no':
+        return None
+    from accelerate import Accelerator
+    return Accelerator(cpu=device.type == 'cpu', mixed_precision=args.precision)
+
+
+def machine_name(device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
 
 
 def write(lines, out):

@@ -120,7 +120,10 @@ class GMixup(Mixup):
         clean = x.clone() if keep_clean else None
         lam = self._mix(x)
         soft_target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
-        lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).flatten().expand(len(x))
+        if isinstance(lam, float):  # a fill on the device, not a blocking host-to-device copy
+            lam = torch.full((len(x),), lam, dtype=torch.float32, device=x.device)
+        else:
+            lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device).flatten().expand(len(x))
         clean_target = mixup_target(target, self.num_classes, 1.0, self.label_smoothing, self.multi_label) \
             if keep_clean else None
         return MixedBatch(x, soft_target, target, lam, clean, clean_target)

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One command on one CUDA GPU, under 8 minutes: the CUDA tests, then benchmarks/speed.py on the GPU.
+#
+#   bash benchmarks/gpu_check.sh
+#
+# Writes to benchmarks/results/:
+#   gpu_tests.txt                          python -m pytest -m cuda tests/test_cuda.py
+#   gpu_<model>_<precision>[_compile].md   step time ratios, images/s, peak memory: resnet50 and
+#                                          vit_small_patch16_224, 224x224, batch 128, bf16 and fp16, eager and compiled
+#   gpu_overhead.md                        train.py against a bare loop on the GPU (float32, built-in digits)
+# (GPU_CHECK_RESULTS=DIR writes them there instead.) Every run gets what is left of a time budget (GPU_CHECK_BUDGET
+# seconds, default 450); a run that fails or runs out of time writes the failure into its own file and the others
+# still run. Compiled runs come last: inductor
+# compiles each pass's graph during the warm-up steps, which takes most of their time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=python3
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
+if ! "$PY" -c 'import timm_gmix, pytest, accelerate' 2>/dev/null; then
+    "$PY" -m pip install -q -e ".[test]"
+fi
+
+BUDGET=${GPU_CHECK_BUDGET:-450}
+RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}
+mkdir -p "$RESULTS"
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+# run OUT NEED CMD...: run CMD with what is left of the budget, its output in OUT if it writes none itself (pytest)
+# or the failure in OUT if it fails; skipped (said in OUT) when less than NEED seconds are left.
+run() {
+    local out=$1 need=$2 left=$((BUDGET - SECONDS)) start=$SECONDS rc=0
+    shift 2
+    if ((left < need)); then
+        echo "SKIPPED: ${left}s of the ${BUDGET}s budget left, this run needs about ${need}s: $*" | tee "$out"
+        return
+    fi
+    echo "== $out (${left}s left): $*"
+    timeout --kill-after=15 "$left" "$@" >"$LOG" 2>&1 || rc=$?
+    if ((rc == 0)); then
+        echo "   done in $((SECONDS - start))s"
+        [[ -s "$out" ]] || cp "$LOG" "$out"
+        tail -n 12 "$LOG"
+    else
+        local why="exit $rc"
+        ((rc == 124 || rc == 137)) && why="out of the time budget"
+        {
+            echo "FAILED ($why) after $((SECONDS - start))s: $*"
+            echo
+            echo '```'
+            tail -n 200 "$LOG"
+            echo '```'
+        } >"$out"
+        echo "   FAILED ($why) after $((SECONDS - start))s, see $out"
+    fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' ||
+    { echo "gpu_check: torch sees no CUDA GPU here, nothing to check" >&2; exit 1; }
+
+rm -f "$RESULTS/gpu_tests.txt"
+run "$RESULTS/gpu_tests.txt" 60 "$PY" -m pytest -m cuda tests/test_cuda.py -rA
+
+SPEED=(--device cuda --img-size 224 -b 128)
+for model in resnet50 vit_small_patch16_224; do
+    for precision in bf16 fp16; do
+        out="$RESULTS/gpu_${model}_${precision}.md"
+        rm -f "$out"
+        run "$out" 30 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision "$precision" \
+            --rounds 5 --steps 3 --warmup 3 --out "$out"
+    done
+done
+
+rm -f "$RESULTS/gpu_overhead.md"
+run "$RESULTS/gpu_overhead.md" 40 "$PY" benchmarks/speed.py --overhead --device cuda --rounds 3 \
+    --out "$RESULTS/gpu_overhead.md"
+
+# Compiled: the modes whose graphs differ (sam shares g's); 3 warm-up steps compile every pass of dg.
+for model in resnet50 vit_small_patch16_224; do
+    for precision in bf16 fp16; do
+        out="$RESULTS/gpu_${model}_${precision}_compile.md"
+        rm -f "$out"
+        run "$out" 60 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision "$precision" --compile \
+            --modes sgd_mixup,naive_sam,g,bg,dg --rounds 3 --steps 3 --warmup 3 --out "$out"
+    done
+done
+
+echo "gpu_check: ${SECONDS}s in all; results in $RESULTS/gpu_*"
