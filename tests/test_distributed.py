@@ -9,10 +9,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from helpers import DG_MIX, ROOT, SCRIPTS, SMALL_RUN, accelerate_launch, assert_same, read_summary, train_main
+from helpers import DG_MIX, ROOT, SCRIPTS, SMALL_RUN, accelerate_launch, assert_same, read_summary
 from timm_gmix import GMixup, gmix_step
 from timm_gmix.training.args import parse_args
 from timm_gmix.training.data import load_splits

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from helpers import DG_MIX, SMALL_RUN, assert_same, read_summary, train_main, train_module
 from timm_gmix.training.checkpoint import LAST, RECOVERY, RunLock, load_state, newest_state, save_state
-from timm_gmix.training.errors import UsageError, main_guard
+from timm_gmix.training.errors import main_guard
 
 # DG-Mix (numpy's RNG draws lam), random crops and flips drawn in 2 worker processes, warmup then cosine
 # (the scheduler's state), EMA, recovery points every 2 updates: everything a resume has to restore.

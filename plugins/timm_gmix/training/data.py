@@ -66,8 +66,8 @@ def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False):
         return digits_dataset()
     if name in ('folder', ''):
         if not data_dir:
-            raise UsageError(f'no data given: pass train.py DIR or --data-dir DIR (an image folder), or --dataset '
-                             f'(hfds/<name>, a folder with the data, or digits)')
+            raise UsageError('no data given: pass train.py DIR or --data-dir DIR (an image folder), or --dataset '
+                             '(hfds/<name>, a folder with the data, or digits)')
         if not Path(data_dir).is_dir():
             raise UsageError(f'--data-dir {data_dir} is not a folder: give an image folder with one subfolder per '
                              f'split (train/, validation/), each with one subfolder of images per class')
@@ -303,7 +303,7 @@ class ImageClassification(torch.utils.data.Dataset):
             image = self._image(row[self.image_column], (index + offset) % len(self))
             if image is not None:
                 return self.transform(image), row[self.label_column]
-        raise UsageError(f'no image of the split can be read: fix the images or the image column')
+        raise UsageError('no image of the split can be read: fix the images or the image column')
 
 
 def _split(dsets, name, flag):
