@@ -19,7 +19,7 @@ from timm_gmix.training.loader import with_transforms
 
 WORKER_STEPS = 3  # ddp_worker.STEPS
 # Worker scenarios by launch precision; dg and g use a CNN with BatchNorm and different data per rank.
-LAUNCHES = {'no': ('dg', 'sync'), 'bf16': ('g',)}
+LAUNCHES = {'no': ('dg', 'sync', 'looksam'), 'bf16': ('g',)}
 
 
 @pytest.fixture(scope='module')
@@ -69,6 +69,17 @@ def test_ranks_hold_bit_identical_weights(worker, mixed_precision, scenario):
     # bf16 is really used inside the model (Accelerate casts the model's outputs back to float32).
     expected_dtype = {'no': 'torch.float32', 'bf16': 'torch.bfloat16'}[mixed_precision]
     assert rank0['compute_dtypes'] == rank1['compute_dtypes'] == [expected_dtype]
+
+
+def test_looksam_ranks_reuse_one_direction_and_stay_identical(worker):
+    """ Each rank keeps g_v from its own ascent gradient; averaged over the ranks, the one-pass update that adds
+    it leaves every parameter identical on both ranks. """
+    rank0, rank1 = (rank['looksam'] for rank in worker('no'))
+    assert rank0['reused'] and all(torch.equal(a, b) for a, b in zip(rank0['reused'], rank1['reused']))
+    assert any(t.abs().sum() > 0 for t in rank0['reused'])
+    for name, weights in rank0['after_steps'].items():
+        if not name.endswith(('running_mean', 'running_var')):
+            assert torch.equal(weights, rank1['after_steps'][name]), name
 
 
 def test_sync_ascent_equals_one_process_on_the_whole_batch(worker):

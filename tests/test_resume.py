@@ -20,9 +20,10 @@ from timm_gmix.training.checkpoint import LAST, RECOVERY, RunLock, load_state, n
 from timm_gmix.training.errors import main_guard
 
 # DG-Mix (numpy's RNG draws lam), random crops and flips drawn in 2 worker processes, warmup then cosine
-# (the scheduler's state), EMA, recovery points every 2 updates: everything a resume has to restore.
+# (the scheduler's state), EMA, recovery points every 2 updates, a full step every 3 with LookSAM's reused
+# direction (SAM's update count and g_v): everything a resume has to restore.
 RUN = [*SMALL_RUN, *DG_MIX, '--workers', '2', '--epochs', '3', '--sched', 'cosine', '--warmup-epochs', '1',
-       '--lr', '0.05', '--model-ema', '--recovery-interval', '2']
+       '--lr', '0.05', '--model-ema', '--recovery-interval', '2', '--sam-interval', '3', '--sam-reuse', '0.5']
 STEPS_PER_EPOCH = 6  # 108 images in batches of 16, the last one dropped
 META = {'model': 'resnet10t', 'num_classes': 10, 'opt': 'gmix_sam', 'sam_base': 'sgd'}
 
@@ -323,7 +324,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(damage, uninterrupted, tmp
 
 @pytest.mark.parametrize('flags, expected', [
     (['--model', 'resnet14t'], '--model resnet10t, not resnet14t'),
-    (['--opt', 'sgd', '--mixup-mode', 'batch'], '--opt gmix_sam, not sgd'),
+    (['--opt', 'sgd', '--mixup-mode', 'batch', '--sam-interval', '1', '--sam-reuse', '0'], '--opt gmix_sam, not sgd'),
 ])
 def test_resume_with_another_model_or_optimizer_says_so(flags, expected, uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / 'run'

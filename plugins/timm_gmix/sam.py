@@ -11,7 +11,16 @@ timm's parameter groups (no weight decay on norms and biases, layer-decay `lr_sc
 
 `perturb` and `restore` are foreach operations (one per device and dtype) on buffers for w kept between
 steps (`TensorCopy`): after the first step SAM allocates nothing, ASAM only its temporary w^2.
+
+Cheaper variants, options of the same optimizer that `gmix_step` carries out:
+    interval=K          the two-pass step on every K-th update; the updates in between make one plain pass
+    reuse=ALPHA         LookSAM (Liu et al., 2022): each full step keeps g_v, the part of the gradient at w + e
+                        orthogonal to the gradient at w; each one-pass update adds ALPHA * ||g|| / ||g_v|| * g_v
+    perturb='momentum'  MSAM (Becker et al., 2024): e = -rho * m / ||m|| from the base optimizer's momentum m
+                        (SGD's momentum buffer, Adam's first moment): no gradient at w is needed
+The update count and g_v are part of `state_dict`, so a resumed run continues the same schedule.
 """
+import functools
 import math
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -22,6 +31,8 @@ from timm.optim._optim_factory import default_registry
 
 DEFAULT_RHO = 0.05
 DEFAULT_RHO_ADAPTIVE = 2.0
+PERTURBATIONS = ('gradient', 'momentum')
+MOMENTUM_KEYS = ('momentum_buffer', 'exp_avg')  # SGD; Adam, AdamW, LAMB, Lion, ...
 
 
 def registry_name(opt: str) -> str:
@@ -41,6 +52,22 @@ def group_by_device_and_dtype(
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     return groups
+
+
+def grouped(first: List[torch.Tensor], *others: List[torch.Tensor]) -> List[Tuple[List[torch.Tensor], ...]]:
+    """ `first` and the lists paired with it element by element, split by the device and dtype of `first`'s
+    tensors. """
+    groups = {}
+    for items in zip(first, *others):
+        groups.setdefault((items[0].device, items[0].dtype), []).append(items)
+    return [tuple(map(list, zip(*items))) for items in groups.values()]
+
+
+def dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+    """ <a, b> over two lists of tensors: a 0-d tensor on the first one's device, in float32 or wider. """
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in a), torch.float32)
+    return torch.stack([torch.vdot(x.flatten().to(dtype), y.flatten().to(dtype)).to(a[0].device)
+                        for x, y in zip(a, b)]).sum()
 
 
 class TensorCopy:
@@ -77,31 +104,40 @@ class SAM(torch.optim.Optimizer):
     A step is: gradient at w, `perturb()`, gradient at w + e, `restore()`, `step()`; or, so that w comes
     back however the pass at w + e ends, `with sam.perturbed(): ...` around that pass.
     `step()` alone steps the base optimizer (that is what GradScaler and Lookahead call);
-    `step(closure)` runs the whole sequence with a closure that computes the loss and its gradient.
-    `state_dict`/`load_state_dict` are the base optimizer's.
+    `step(closure)` runs the whole two-pass sequence with a closure that computes the loss and its gradient.
+    `state_dict`/`load_state_dict` are the base optimizer's, with SAM's own state under 'sam'.
 
     Args:
         params: parameters or parameter groups (as built by timm's optimizer factory)
         base: name of the base optimizer in timm's registry ('sgd', 'adamw', 'lamb', ...)
         rho: neighbourhood radius, default 0.05 (SAM) or 2.0 (ASAM)
         adaptive: ASAM, the scale-invariant neighbourhood
+        interval: the full two-pass step on every `interval`-th update, one plain pass in between
+        reuse: LookSAM's alpha, added on the one-pass updates (needs interval > 1); 0 adds nothing
+        perturb: 'gradient' (e from the gradient at w) or 'momentum' (MSAM: e from the base's momentum)
         **base_kwargs: lr, weight_decay, momentum, betas, ... for the base optimizer
     """
 
     def __init__(self, params, base: str = 'sgd', rho: Optional[float] = None, adaptive: bool = False,
-                 **base_kwargs):
+                 interval: int = 1, reuse: float = 0.0, perturb: str = 'gradient', **base_kwargs):
         if rho is None:
             rho = DEFAULT_RHO_ADAPTIVE if adaptive else DEFAULT_RHO
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-            raise ValueError(f'rho must be a positive finite number, got {rho!r}')
+        check_options(rho, interval, reuse, perturb)
         if is_sam(base):
             raise ValueError(f'SAM cannot wrap itself: choose a plain base optimizer, not {base!r}')
         if not get_optimizer_info(registry_name(base)).has_momentum:
             base_kwargs.pop('momentum', None)  # timm hands SAM a momentum for whichever base it wraps
         self.base_optimizer = create_optimizer_v2(params, opt=base, **base_kwargs)
+        if perturb == 'momentum' and not keeps_momentum(self.base_optimizer):
+            raise ValueError(f'a momentum perturbation needs a base optimizer that keeps momentum, which {base!r} '
+                             f'does not as set: use sgd with momentum > 0, adamw, lamb, ...')
         # Registering the base's own group dicts makes every change (LR schedule, layer decay) seen by both.
         super().__init__(self.base_optimizer.param_groups, dict(rho=rho, adaptive=adaptive))
         self._link_base()
+        self.interval, self.reuse, self.perturbation = interval, reuse, perturb
+        self.updates = 0  # updates made (undone ones do not count): every interval-th one is full
+        self.sam_state = {}  # parameter -> {'reused': g_v}: shaped like the base's state, saved and undone with it
+        self._ascent_grad = {}  # parameter -> the gradient at w of the current full step (kept for reuse only)
         self.saved_w = TensorCopy()  # w at the last perturb(): kept after restore() so a step can be undone
         self.is_perturbed = False  # the parameters are at w + e
 
@@ -111,35 +147,114 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.param_groups for p in group['params']]
+
+    def is_full_step(self) -> bool:
+        """ Whether the next update is the two-pass step: every `interval`-th update made. """
+        return self.updates % self.interval == 0
+
+    def count_update(self):
+        """ Call once for each update that was made (and not undone). """
+        self.updates += 1
+
+    def gradients(self) -> Dict[torch.Tensor, torch.Tensor]:
+        return {p: p.grad for p in self._params() if p.grad is not None}
+
+    def momentum(self) -> Dict[torch.Tensor, torch.Tensor]:
+        """ The base optimizer's momentum of each parameter that has one yet (none before its first step). """
+        found = {}
+        for p in self._params():
+            state = self.state.get(p, {})
+            m = next((state[k] for k in MOMENTUM_KEYS if state.get(k) is not None), None)
+            if m is not None:
+                found[p] = m
+        return found
+
+    @torch.no_grad()
+    def norm(self, directions: Dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """ ||d|| (SAM) or || |w| * d || (ASAM) over parameter -> direction pairs. """
+        adaptive = {p for group in self.param_groups if group['adaptive'] for p in group['params']}
+        return torch.nn.utils.get_total_norm([p.abs() * d if p in adaptive else d for p, d in directions.items()])
+
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """ ||g|| (SAM) or || |w| * g || (ASAM) over every parameter that has a gradient. """
-        grads = [
-            (p.abs() * p.grad) if group['adaptive'] else p.grad
-            for group in self.param_groups for p in group['params'] if p.grad is not None
-        ]
+        grads = self.gradients()
         if not grads:
             raise RuntimeError('SAM found no gradients: run the backward pass of the ascent loss first')
-        return torch.nn.utils.get_total_norm(grads)
+        return self.norm(grads)
 
     @torch.no_grad()
     def perturb(self, grad_norm: Optional[torch.Tensor] = None):
-        """ Save w and move to w + e. Pass `grad_norm` when it was already computed (to check it).
-        The gradient is spent: each `p.grad` holds e afterwards. """
+        """ Save w and move to w + e, e = rho * g / ||g||. Pass `grad_norm` when it was already computed (to
+        check it). The gradient is spent: each `p.grad` holds e afterwards (with `reuse`, g is kept). """
+        grad_norm = self.grad_norm() if grad_norm is None else grad_norm
+        grads = self.gradients()
+        if self.reuse:
+            self._keep_ascent_grad(grads)
+        self._move(grads, grad_norm, in_place=True)
+
+    @torch.no_grad()
+    def perturb_along_momentum(self):
+        """ Save w and move to w + e, e = -rho * m / ||m||: MSAM's sign, against the momentum, which is along
+        the coming update. Before the base optimizer's first step there is no momentum and e = 0. """
+        momentum = self.momentum()
+        self._move(momentum, self.norm(momentum) if momentum else None, in_place=False, sign=-1.0)
+
+    def _move(self, directions, norm, in_place: bool, sign: float = 1.0):
+        """ Save w, then w += sign * rho * d / norm (times w^2 for ASAM); `in_place` scales d itself. """
         if self.is_perturbed:
             raise RuntimeError('SAM.perturb() called at w + e: restore() w first')
-        grad_norm = self.grad_norm() if grad_norm is None else grad_norm
-        self.saved_w.save(p for group in self.param_groups for p in group['params'])
+        self.saved_w.save(self._params())
         for group in self.param_groups:
-            scale = group['rho'] / (grad_norm + 1e-12)
-            with_grad = [p for p in group['params'] if p.grad is not None]
-            for (device, _), params in group_by_device_and_dtype(with_grad).items():
-                e = [p.grad for p in params]
-                torch._foreach_mul_(e, scale.to(device))
+            moved = [p for p in group['params'] if p in directions]
+            for (device, _), params in group_by_device_and_dtype(moved).items():
+                d, scale = [directions[p] for p in params], (sign * group['rho'] / (norm + 1e-12)).to(device)
+                if in_place:
+                    torch._foreach_mul_(d, scale)
+                e = d if in_place else torch._foreach_mul(d, scale)
                 if group['adaptive']:
                     torch._foreach_mul_(e, torch._foreach_pow(params, 2))
                 torch._foreach_add_(params, e)
         self.is_perturbed = True
+
+    def _keep_ascent_grad(self, grads):
+        if [(p, g.shape) for p, g in self._ascent_grad.items()] != [(p, g.shape) for p, g in grads.items()]:
+            self._ascent_grad = {p: torch.empty_like(g) for p, g in grads.items()}
+        for kept, g in grouped(list(self._ascent_grad.values()), list(grads.values())):
+            torch._foreach_copy_(kept, g)
+
+    @torch.no_grad()
+    def keep_orthogonal_part(self):
+        """ LookSAM, on a full step with p.grad = g_s (unscaled), the gradient at w + e, and g, the gradient at
+        w that `perturb` kept: the reused g_v = g_s - (<g_s, g> / <g, g>) g. """
+        grads = {p: g_s for p, g_s in self.gradients().items() if p in self._ascent_grad}
+        for p, g_s in grads.items():
+            if p not in self.sam_state or self.sam_state[p]['reused'].shape != g_s.shape:
+                self.sam_state[p] = {'reused': torch.empty_like(g_s)}
+        g_s, g = list(grads.values()), [self._ascent_grad[p] for p in grads]
+        coef = dot(g_s, g) / (dot(g, g) + 1e-30)
+        for g_v, g_group, g_s_group in grouped(self.reused_parts(grads), g, g_s):
+            torch._foreach_copy_(g_v, g_group)
+            torch._foreach_mul_(g_v, -coef.to(g_v[0].device))
+            torch._foreach_add_(g_v, g_s_group)
+
+    def reused_parts(self, params: Iterable[torch.Tensor] = None) -> List[torch.Tensor]:
+        """ g_v of `params` (default: every parameter that has one). """
+        params = self.sam_state if params is None else params
+        return [self.sam_state[p]['reused'] for p in params]
+
+    @torch.no_grad()
+    def add_reused_part(self):
+        """ LookSAM, on a one-pass update with p.grad = g (unscaled): g += reuse * ||g|| / ||g_v|| * g_v. """
+        grads = {p: g for p, g in self.gradients().items() if p in self.sam_state}
+        if not grads:
+            return
+        g, g_v = list(grads.values()), self.reused_parts(grads)
+        scale = self.reuse * torch.nn.utils.get_total_norm(g) / (torch.nn.utils.get_total_norm(g_v) + 1e-12)
+        for g_group, g_v_group in grouped(g, g_v):
+            torch._foreach_add_(g_group, torch._foreach_mul(g_v_group, scale.to(g_group[0].device)))
 
     @torch.no_grad()
     def restore(self):
@@ -150,9 +265,13 @@ class SAM(torch.optim.Optimizer):
 
     @contextmanager
     def perturbed(self, grad_norm: Optional[torch.Tensor] = None):
-        """ At w + e inside the block; back at w when it ends, by an exception too (out of memory in the
-        pass at w + e must not leave a caller who goes on training from w + e). """
-        self.perturb(grad_norm)
+        """ At w + e inside the block (e from the gradient, or from the momentum with perturb='momentum');
+        back at w when it ends, by an exception too (out of memory in the pass at w + e must not leave a
+        caller who goes on training from w + e). """
+        if self.perturbation == 'momentum':
+            self.perturb_along_momentum()
+        else:
+            self.perturb(grad_norm)
         try:
             yield
         finally:
@@ -161,6 +280,9 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is None:
             return self.base_optimizer.step()
+        if (self.interval, self.reuse, self.perturbation) != (1, 0.0, 'gradient'):
+            raise ValueError('step(closure) makes the two-pass SAM step: use gmix_step for interval, reuse and '
+                             'the momentum perturbation')
         closure = torch.enable_grad()(closure)
         loss = closure()
         with self.perturbed():
@@ -170,12 +292,49 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        return self.base_optimizer.state_dict()
+        """ The base optimizer's, with SAM's update count and LookSAM's g_v (indexed as the base indexes its
+        parameters) under 'sam'. """
+        state = self.base_optimizer.state_dict()
+        index = {p: i for i, p in enumerate(self._params())}
+        state['sam'] = {'updates': self.updates,
+                        'reused': {index[p]: s['reused'] for p, s in self.sam_state.items()}}
+        return state
 
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        sam = state_dict.pop('sam', {'updates': 0, 'reused': {}})
         self.base_optimizer.load_state_dict(state_dict)
         # The base replaces its groups and state on load: re-link, or the LR schedule stops reaching it.
         self._link_base()
+        params = self._params()
+        self.updates = sam['updates']
+        self.sam_state = {params[int(i)]: {'reused': g_v.to(params[int(i)])} for i, g_v in sam['reused'].items()}
+
+
+def check_options(rho, interval, reuse, perturb):
+    """ ValueError for a SAM setting that cannot train as asked. """
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f'rho must be a positive finite number, got {rho!r}')
+    if not (isinstance(interval, int) and interval >= 1):
+        raise ValueError(f'interval must be a whole number of updates, 1 or more, got {interval!r}')
+    if not (isinstance(reuse, (int, float)) and math.isfinite(reuse) and reuse >= 0):
+        raise ValueError(f'reuse must be a finite number, 0 or more (LookSAM uses about 0.7), got {reuse!r}')
+    if perturb not in PERTURBATIONS:
+        raise ValueError(f'perturb must be one of {", ".join(PERTURBATIONS)}, got {perturb!r}')
+    if reuse and interval == 1:
+        raise ValueError('reuse acts on the one-pass updates between full steps: it needs interval > 1')
+    if reuse and perturb == 'momentum':
+        raise ValueError('reuse projects on the gradient at w of the full steps, which a momentum perturbation '
+                         'does not compute: use one or the other')
+
+
+def keeps_momentum(optimizer: torch.optim.Optimizer) -> bool:
+    """ Whether the optimizer keeps a momentum that `SAM.momentum` finds: SGD with momentum > 0, or a first
+    moment (Adam-style betas with beta1 > 0). """
+    groups = optimizer.param_groups
+    if all('momentum' in g for g in groups):
+        return all(g['momentum'] > 0 for g in groups)
+    return all(g.get('betas') is not None and g['betas'][0] > 0 for g in groups)
 
 
 def find_sam(optimizer) -> Optional[SAM]:

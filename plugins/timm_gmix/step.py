@@ -12,6 +12,15 @@ Every pass at w + e normalizes with batch statistics but leaves BatchNorm runnin
 they were. Dropout and drop-path draw fresh masks in each pass. With an optimizer that is not SAM the
 same function makes a plain step (one pass), so baselines run through the same code.
 
+The SAM optimizer's cheaper options (see `timm_gmix.sam`) change the passes:
+    interval=K          updates between the full steps make one pass on the mixed batch at w
+    reuse=ALPHA         LookSAM: a full step keeps the part of its descent gradient orthogonal to the ascent
+                        gradient (for bg/dg: the sharpness and the clean-example correction of the flagged
+                        examples together, as one direction); a one-pass update adds it back, rescaled
+    perturb='momentum'  e comes from the base optimizer's momentum, so 1 has no backward pass: G-Mix makes one
+                        forward-backward at w + e (which updates BatchNorm's statistics); BG-/DG-Mix keep the
+                        exact s_i from a forward at w and one at w + e, both without gradient, then step 4
+
 Host syncs: one per update on the g path and for a plain step, reading the skip decision after the step.
 Every check before it stays on the device, as GradScaler's found-inf does: the step is always made (after
 a non-finite ascent the pass at w + e runs at NaN weights) and undone where a check failed. BG/DG add the
@@ -42,16 +51,19 @@ def cross_entropy_per_example(logits: torch.Tensor, target: torch.Tensor, smooth
 
 @dataclass
 class StepResult:
-    """ `loss`: mean loss at w on the (mixed) batch. `skipped`: no update was made (non-finite loss or
-    gradient, or `diverged`). `diverged`: the gradients were finite but the update made weights or optimizer
-    state non-finite, so it was undone. For bg/dg: per-example `sensitivity`, the `flagged` mask and
-    `mixes_two_classes` (None when the ascent pass was not finite). """
+    """ `loss`: mean loss at w on the (mixed) batch (at w + e for G-Mix with a momentum perturbation, which makes
+    no pass at w). `skipped`: no update was made (non-finite loss or gradient, or `diverged`). `diverged`: the
+    gradients were finite but the update made weights or optimizer state non-finite, so it was undone.
+    `full_step`: the two-pass SAM step was made (not a plain optimizer, nor SAM's one-pass updates between
+    full steps). For bg/dg full steps: per-example `sensitivity`, the `flagged` mask and `mixes_two_classes`
+    (None when the pass at w was not finite). """
     loss: torch.Tensor
     skipped: bool
     sensitivity: Optional[torch.Tensor] = None
     flagged: Optional[torch.Tensor] = None
     mixes_two_classes: Optional[torch.Tensor] = None
     diverged: bool = False
+    full_step: bool = False
 
 
 @contextmanager
@@ -69,11 +81,12 @@ def frozen_bn_stats(model: torch.nn.Module):
 
 def optimizer_states(optimizer) -> List[dict]:
     """ The state of an optimizer and of those it wraps (timm's Lookahead keeps its slow weights in its
-    base's state; SAM shares its base's). """
+    base's state; SAM shares its base's and keeps LookSAM's g_v in its own `sam_state`). """
     states = []
     while optimizer is not None:
-        if all(optimizer.state is not s for s in states):
-            states.append(optimizer.state)
+        for state in (optimizer.state, getattr(optimizer, 'sam_state', None)):
+            if state is not None and all(state is not s for s in states):
+                states.append(state)
         optimizer = getattr(optimizer, '_base_optimizer', None) or getattr(optimizer, 'base_optimizer', None)
     return states
 
@@ -237,20 +250,29 @@ def gmix_step(
     undo = _UNDO.setdefault(stepper, UndoableStep())
     undo.save_buffers(model)
     ones = torch.ones(batch_size, device=batch.inputs.device)
-    loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sam is None or sync_ascent)
-    result = StepResult(loss=loss_w.mean(), skipped=True)
-    ascent_ok = torch.isfinite(loss_w).all()
-
-    if sam is not None:
-        grad_norm = sam.grad_norm()
-        ascent_ok &= torch.isfinite(grad_norm)
-        # Decided without a host read: after a non-finite ascent the NaN norm makes all of w + e NaN, so
-        # the descent gradient overflows too (a GradScaler backs off) and the step is undone below.
-        grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))
+    full = sam is not None and sam.is_full_step()
+    result = StepResult(loss=ones.new_zeros(()), skipped=True, full_step=full)
+    ascent_ok = torch.ones((), dtype=torch.bool, device=ones.device)
+    if not full:  # a plain optimizer, or SAM between its full steps: one pass on the mixed batch
+        loss_e = forward_backward(batch.inputs, batch.targets, ones, sync=True)
+        result.loss = loss_e.mean()
+    else:
+        if sam.perturbation == 'gradient':
+            loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sync_ascent)
+            grad_norm = sam.grad_norm()
+            ascent_ok = torch.isfinite(loss_w).all() & torch.isfinite(grad_norm)
+            # Decided without a host read: after a non-finite ascent the NaN norm makes all of w + e NaN, so
+            # the descent gradient overflows too (a GradScaler backs off) and the step is undone below.
+            grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))
+        elif mode in ('bg', 'dg'):  # momentum: the losses at w for the sensitivity, and BatchNorm's statistics
+            loss_w, grad_norm = forward(batch.inputs, batch.targets), None
+            ascent_ok = torch.isfinite(loss_w).all()
+        else:  # momentum, g: the one pass is at w + e, and updates BatchNorm's statistics
+            loss_w = grad_norm = None
         try:
             with sam.perturbed(grad_norm):
                 stepper.zero_grad(set_to_none=True)
-                with frozen_bn_stats(model):
+                with frozen_bn_stats(model) if loss_w is not None else nullcontext():
                     if mode in ('bg', 'dg'):
                         result.sensitivity = forward(batch.inputs, batch.targets) - loss_w
                         flagged = flag_examples(
@@ -263,11 +285,15 @@ def gmix_step(
         except BaseException:
             stepper.zero_grad(set_to_none=True)
             raise
-    else:
-        loss_e = loss_w
+        result.loss = (loss_e if loss_w is None else loss_w).mean()
 
     if scaler is not None:
         scaler.unscale_(stepper)
+    # Saved before LookSAM changes its g_v; the step is made whatever the checks say (deciding first would cost a
+    # host read) and undone if any failed.
+    undo.save(stepper, sam.saved_w if full else None)
+    if sam is not None and sam.reuse:
+        reuse_gradient(sam, full, accelerator if not sync_ascent else None)
     params = [p for group in stepper.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     descent_ok = torch.isfinite(grad_norm) & torch.isfinite(loss_e).all()
@@ -276,8 +302,6 @@ def gmix_step(
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
         else:
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-    # The step is made whatever the checks say (deciding first would cost a host read) and undone if any failed.
-    undo.save(stepper, sam.saved_w if sam is not None else None)
     stepper.step()
     update_ok = update_is_finite(stepper, ones.device, model.buffers())
     ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
@@ -285,9 +309,25 @@ def gmix_step(
     result.diverged = ascent_ok and descent_ok and not update_ok
     if result.skipped:
         undo.undo()
+    elif sam is not None:
+        sam.count_update()
     if not ascent_ok:
         result.sensitivity = result.flagged = result.mixes_two_classes = None
     if scaler is not None:
         scaler.update()
     stepper.zero_grad(set_to_none=True)
     return result
+
+
+def reuse_gradient(sam, full: bool, accelerator=None):
+    """ LookSAM: keep g_v on a full step (averaged over processes, since each perturbed by its own gradient at
+    w), add it on a one-pass update. """
+    if not full:
+        sam.add_reused_part()
+        return
+    sam.keep_orthogonal_part()
+    if accelerator is not None and accelerator.num_processes > 1:
+        g_v = sam.reused_parts()
+        for t in g_v:
+            torch.distributed.all_reduce(t)
+        torch._foreach_div_(g_v, float(accelerator.num_processes))

@@ -9,6 +9,8 @@ writes `OUT/rank<r>.pt` = {'meta': {...}, scenario: {...}} for the test to compa
     sync    float64 MLP, plain SAM, no mixing: the whole batch split over the ranks, with and without
             sync_ascent, and the one-process reference on the whole batch
     g       CNN with BatchNorm, G-Mix, each rank its own data (run it under `--mixed_precision bf16`)
+    looksam as dg, with a full step every 2 updates and LookSAM's reuse: the one-pass update in between adds
+            the reused direction, which each rank kept from its own ascent gradient
 """
 import copy
 import random
@@ -51,22 +53,23 @@ def batch(size, seed, dtype=torch.float32):
     return torch.randn(size, 3, 4, 4, generator=g).to(dtype), torch.randint(0, NUM_CLASSES, (size,), generator=g)
 
 
-def sam(model):
-    return create_optimizer_v2(model, opt='gmix_sam', lr=0.1, base='sgd', rho=0.05, momentum=0.9, weight_decay=1e-3)
+def sam(model, **options):
+    return create_optimizer_v2(model, opt='gmix_sam', lr=0.1, base='sgd', rho=0.05, momentum=0.9, weight_decay=1e-3,
+                               **options)
 
 
 def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def mixed_steps(accelerator, mode):
+def mixed_steps(accelerator, mode, **options):
     """ A few steps of `mode` on a CNN with BatchNorm; each rank draws its own batches and lam. """
     model = cnn()
     init = weights(model)
     # Accelerate casts the model's outputs back to float32: look at a layer's output for the compute dtype.
     compute_dtypes = set()
     model[-1].register_forward_hook(lambda module, args, output: compute_dtypes.add(str(output.dtype)))
-    model, opt = accelerator.prepare(model, sam(model))
+    model, opt = accelerator.prepare(model, sam(model, **options))
     mixup_fn = GMixup(mixup_alpha=0.8, mode=mode, gmix_ratio=0.5, num_classes=NUM_CLASSES)
     seed_all(100 + accelerator.process_index)
     losses = []
@@ -82,7 +85,8 @@ def mixed_steps(accelerator, mode):
     with torch.no_grad():
         model(batch(2, seed=0)[0])
     return {'init': init, 'after_steps': after_steps, 'after_eval': weights(accelerator.unwrap_model(model)),
-            'losses': torch.stack(losses), 'compute_dtypes': sorted(compute_dtypes)}
+            'losses': torch.stack(losses), 'compute_dtypes': sorted(compute_dtypes),
+            'reused': [t.clone() for t in opt.optimizer.reused_parts()]}
 
 
 def scenario_dg(accelerator):
@@ -91,6 +95,10 @@ def scenario_dg(accelerator):
 
 def scenario_g(accelerator):
     return mixed_steps(accelerator, 'g')
+
+
+def scenario_looksam(accelerator):
+    return mixed_steps(accelerator, 'dg', interval=2, reuse=0.5)
 
 
 def scenario_sync(accelerator):
@@ -114,7 +122,7 @@ def scenario_sync(accelerator):
     return out
 
 
-SCENARIOS = {'dg': scenario_dg, 'sync': scenario_sync, 'g': scenario_g}
+SCENARIOS = {'dg': scenario_dg, 'sync': scenario_sync, 'g': scenario_g, 'looksam': scenario_looksam}
 
 
 def main(out_dir, *scenarios):

@@ -18,7 +18,7 @@ from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
 from ..mixup import FLAG_CHOICES, GMIX_MODES, TIMM_MODES
-from ..sam import is_sam, registry_name
+from ..sam import PERTURBATIONS, is_sam, registry_name
 from .errors import UsageError, reason
 
 _NAFLEX = 'NaFlex variable-resolution batches are not supported: the SAM step mixes and perturbs fixed-size image batches'
@@ -34,7 +34,8 @@ NOT_APPLICABLE = {
                      'train_size_schedule_spread', 'train_size_random_mix', 'variable_batch_loss_scale'), _SCHEDULED),
 }
 # The plugin's own flags (the rest of the parser is timm's).
-PLUGIN_FLAGS = ('train_subset', 'sam_base', 'rho', 'asam', 'sync_ascent', 'lam_mode', 'gmix_ratio', 'gmix_flag',
+PLUGIN_FLAGS = ('train_subset', 'sam_base', 'rho', 'asam', 'sync_ascent', 'sam_interval', 'sam_reuse', 'sam_perturb',
+                'lam_mode', 'gmix_ratio', 'gmix_flag',
                 'mixed_precision', 'export_ema', 'max_bad_steps', 'log_with', 'push_to_hub', 'skip_bad_images')
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--asam', action='store_true', help='adaptive SAM')
     group.add_argument('--sync-ascent', action='store_true',
                        help='all-reduce the ascent gradient (default: each replica perturbs by its own)')
+    group.add_argument('--sam-interval', type=int, default=1, metavar='K',
+                       help='the full SAM/G-Mix step on every K-th update, one pass on the mixed batch in between')
+    group.add_argument('--sam-reuse', type=float, default=0.0, metavar='ALPHA',
+                       help='LookSAM: the one-pass updates add the reused sharpness direction, scaled by ALPHA')
+    group.add_argument('--sam-perturb', default='gradient', choices=PERTURBATIONS,
+                       help="momentum: MSAM's perturbation from the base optimizer's momentum (one pass for G-Mix)")
 
     group = parser.add_argument_group('Learning rate schedule')
     group.add_argument('--sched', default='cosine', metavar='SCHEDULER')
@@ -399,6 +406,23 @@ def _probability(args, *names):
             raise UsageError(f'--{name.replace("_", "-")} must be in [0, 1], got {value}')
 
 
+def _check_efficient_sam(args):
+    changed = [flag for flag, value, default in (('--sam-interval', args.sam_interval, 1),
+                                                  ('--sam-reuse', args.sam_reuse, 0.0),
+                                                  ('--sam-perturb', args.sam_perturb, 'gradient')) if value != default]
+    if changed and not is_sam(args.opt):
+        raise UsageError(f'{changed[0]} is an option of the SAM step: use --opt gmix_sam')
+    if args.sam_interval < 1:
+        raise UsageError(f'--sam-interval must be at least 1 (1: every update is a full step), got {args.sam_interval}')
+    if not (math.isfinite(args.sam_reuse) and args.sam_reuse >= 0):
+        raise UsageError(f'--sam-reuse must be zero or positive (LookSAM uses about 0.7), got {args.sam_reuse}')
+    if args.sam_reuse and args.sam_interval == 1:
+        raise UsageError('--sam-reuse acts on the one-pass updates between full steps: set --sam-interval K > 1')
+    if args.sam_reuse and args.sam_perturb == 'momentum':
+        raise UsageError('--sam-reuse projects on the gradient at w, which --sam-perturb momentum does not '
+                         'compute: drop one of them')
+
+
 def check_args(args, parser=None):
     """ Raise UsageError for a value or combination that cannot train as asked. """
     parser = parser or build_parser()
@@ -418,6 +442,7 @@ def check_args(args, parser=None):
         raise UsageError(f'--mixup-mode {args.mixup_mode} mixes examples: set --mixup and/or --cutmix above 0')
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UsageError(f'--rho must be a positive number (0.05 is usual for SAM, 2.0 for ASAM), got {args.rho}')
+    _check_efficient_sam(args)
     _non_negative(args, 'lr', 'lr_base', 'warmup_lr', 'min_lr', 'weight_decay', 'momentum', 'mixup', 'cutmix',
                   'smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'epoch_repeats', 'decay_epochs',
                   'decay_rate', 'color_jitter', 'layer_decay_min_scale', 'aug_repeats')

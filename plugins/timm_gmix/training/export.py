@@ -56,7 +56,14 @@ def _optimizer(args) -> str:
     if not is_sam(args.opt):
         return args.opt
     rho = args.rho if args.rho is not None else DEFAULT_RHO_ADAPTIVE if args.asam else DEFAULT_RHO
-    return f'{args.opt}: {"ASAM" if args.asam else "SAM"} over {args.sam_base}, rho {rho}'
+    text = f'{args.opt}: {"ASAM" if args.asam else "SAM"} over {args.sam_base}, rho {rho}'
+    if args.sam_perturb == 'momentum':
+        text += ", perturbation from the base optimizer's momentum (MSAM)"
+    if args.sam_interval > 1:
+        text += f', full step every {args.sam_interval} updates'
+    if args.sam_reuse:
+        text += f', LookSAM reuse alpha {args.sam_reuse}'
+    return text
 
 
 def _mixing(args) -> str:

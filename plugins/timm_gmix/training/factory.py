@@ -146,11 +146,14 @@ def check_input_size(model, args, input_size):
 def create_optimizer(args, model):
     """ timm's optimizer factory with train.py's flags (layer decay included); for gmix_sam also the base
     optimizer, rho and ASAM. """
-    sam_args = dict(base=args.sam_base, rho=args.rho, adaptive=args.asam) if is_sam(args.opt) else {}
+    sam_args = dict(base=args.sam_base, rho=args.rho, adaptive=args.asam, interval=args.sam_interval,
+                    reuse=args.sam_reuse, perturb=args.sam_perturb) if is_sam(args.opt) else {}
     try:
         return create_optimizer_v2(model, **optimizer_kwargs(args), **args.opt_kwargs, **sam_args)
     except TypeError as e:
         raise UsageError(f'optimizer {args.opt} does not take these arguments ({reason(e)}): check --opt-kwargs') from e
+    except ValueError as e:
+        raise UsageError(f'--opt {args.opt}: {reason(e)}') from e
 
 
 def create_mixup(args, num_classes: int):
