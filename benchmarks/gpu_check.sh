@@ -7,6 +7,7 @@
 #   gpu_tests.txt                          python -m pytest -m cuda tests/test_cuda.py
 #   gpu_<model>_<precision>[_compile].md   step time ratios, images/s, peak memory: resnet50 and
 #                                          vit_small_patch16_224, 224x224, batch 128, bf16 and fp16, eager and compiled
+#   gpu_efficient_<model>_bf16.md/.json    the cheaper G-Mix settings (interval, LookSAM reuse, MSAM) in bf16
 #   gpu_overhead.md                        train.py against a bare loop on the GPU (float32, built-in digits)
 # (GPU_CHECK_RESULTS=DIR writes them there instead.) Every run gets what is left of a time budget (GPU_CHECK_BUDGET
 # seconds, default 450); a run that fails or runs out of time writes the failure into its own file and the others
@@ -64,6 +65,9 @@ rm -f "$RESULTS/gpu_tests.txt"
 run "$RESULTS/gpu_tests.txt" 60 "$PY" -m pytest -m cuda tests/test_cuda.py -rA
 
 SPEED=(--device cuda --img-size 224 -b 128)
+EFFICIENT_MODES="sgd sgd_mixup sgd_mixup_guarded naive_sam sam g bg dg g:perturb=momentum g:interval=5 \
+g:interval=5,reuse=0.7 g:interval=10,reuse=0.7 bg:interval=8,reuse=0.7 dg:perturb=momentum \
+dg:interval=4,perturb=momentum dg:interval=8 dg:interval=8,reuse=0.7"
 for model in resnet50 vit_small_patch16_224; do
     for precision in bf16 fp16; do
         out="$RESULTS/gpu_${model}_${precision}.md"
@@ -71,6 +75,14 @@ for model in resnet50 vit_small_patch16_224; do
         run "$out" 30 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision "$precision" \
             --rounds 5 --steps 3 --warmup 3 --out "$out"
     done
+done
+
+# The cheaper G-Mix settings (issue 10) against SGD + Mixup, bare and through gmix_step.
+for model in resnet50 vit_small_patch16_224; do
+    out="$RESULTS/gpu_efficient_${model}_bf16.md"
+    rm -f "$out"
+    run "$out" 60 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision bf16 --rounds 5 --steps 10 \
+        --warmup 3 --modes $EFFICIENT_MODES --out "$out" --json "${out%.md}.json"
 done
 
 rm -f "$RESULTS/gpu_overhead.md"
@@ -83,7 +95,7 @@ for model in resnet50 vit_small_patch16_224; do
         out="$RESULTS/gpu_${model}_${precision}_compile.md"
         rm -f "$out"
         run "$out" 60 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision "$precision" --compile \
-            --modes sgd_mixup,naive_sam,g,bg,dg --rounds 3 --steps 3 --warmup 3 --out "$out"
+            --modes sgd_mixup naive_sam g bg dg --rounds 3 --steps 3 --warmup 3 --out "$out"
     done
 done
 

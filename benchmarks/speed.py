@@ -4,6 +4,14 @@
     python benchmarks/speed.py --model vit_tiny_patch16_224 --img-size 224 -b 32
     python benchmarks/speed.py --overhead                       # train.py against a bare loop, digits data
     python benchmarks/speed.py --device cuda --model resnet50 --img-size 224 -b 128 --precision bf16 --compile
+    python benchmarks/speed.py --modes sgd_mixup g g:perturb=momentum dg dg:interval=8,reuse=0.7 --json r.json
+
+A mode is a name with optional SAM options after a colon: `sgd` (no mixing), `sgd_mixup`, `sgd_mixup_guarded`
+(the same through `gmix_step`, as train.py runs it: with the undo buffers and finiteness checks that every G-Mix
+mode pays too), `naive_sam`, `sam` (no mixing), `g`, `bg`, `dg`; options `interval=K`, `reuse=ALPHA`,
+`perturb=momentum`, `adaptive` (ASAM).
+A mode with interval K is timed over a multiple of K steps per round, so each round holds its share of full
+steps. `--opt` is the optimizer of the plain modes and the one SAM wraps.
 
 Every mode runs in this one process, on the same model (one copy each, same initial weights) and the same
 batch. Rounds are interleaved: each round times `--steps` steps of every mode, in a shuffled order, and the
@@ -48,9 +56,12 @@ import timm_gmix
 
 
 def forward_backward(model, x, target, accelerator=None):
-    """ Soft-target cross-entropy and its gradient, under the accelerator's autocast and loss scale if given. """
+    """ Cross-entropy (soft targets, or class indices with label smoothing 0.1) and its gradient, under the
+    accelerator's autocast and loss scale if given. """
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-        loss = SoftTargetCrossEntropy()(model(x), target)
+        logits = model(x)
+        loss = SoftTargetCrossEntropy()(logits, target) if target.ndim > 1 else \
+            torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
     if accelerator is not None:
         accelerator.backward(loss)
     else:
@@ -78,14 +89,30 @@ def naive_sam_step(model, optimizer, mixup_fn, x, y, accelerator=None, rho=0.05)
 
 
 def sgd_mixup_step(model, optimizer, mixup_fn, x, y, accelerator=None):
-    x, target = mixup_fn(x, y)
+    x, target = mixup_fn(x, y) if mixup_fn is not None else (x, y)
     forward_backward(model, x, target, accelerator)
     optimizer.step()
     optimizer.zero_grad()
 
 
-MODES = ('sgd_mixup', 'naive_sam', 'sam', 'g', 'bg', 'dg')
-REFERENCES = ('sgd_mixup', 'naive_sam', 'g')  # the columns of the table divide by these
+MODES = ('sgd_mixup', 'naive_sam', 'sam', 'g', 'bg', 'dg')  # the default list
+NAMES = ('sgd', 'sgd_mixup_guarded', *MODES)
+SAM_OPTIONS = {'interval': int, 'reuse': float, 'perturb': str, 'adaptive': bool}
+REFERENCE = 'sgd_mixup'  # every ratio divides by it; naive_sam and g get a column too when they are run
+
+
+def parse_mode(spec: str):
+    """ 'dg:interval=8,reuse=0.7' -> ('dg', {'interval': 8, 'reuse': 0.7}). """
+    name, _, options = spec.partition(':')
+    if name not in NAMES:
+        raise ValueError(f'unknown mode {name!r} in {spec!r}: choose from {", ".join(NAMES)}')
+    parsed = {}
+    for option in filter(None, options.split(',')):
+        key, _, value = option.partition('=')
+        if key not in SAM_OPTIONS or name not in ('sam', 'g', 'bg', 'dg'):
+            raise ValueError(f'{spec!r}: the SAM modes (sam, g, bg, dg) take {", ".join(SAM_OPTIONS)}')
+        parsed[key] = True if SAM_OPTIONS[key] is bool else SAM_OPTIONS[key](value)
+    return name, parsed
 
 
 def build_modes(args, device, accelerator=None):
@@ -99,30 +126,47 @@ def build_modes(args, device, accelerator=None):
 
     def make(opt, **opt_kwargs):
         model = copy.deepcopy(base_model)
-        optimizer = create_optimizer_v2(model, opt=opt, lr=0.01, weight_decay=5e-4, **opt_kwargs)
+        optimizer = create_optimizer_v2(model, opt=opt, lr=0.01, weight_decay=5e-4, momentum=0.9, **opt_kwargs)
         if accelerator is not None:
             model, optimizer = accelerator.prepare(model, optimizer)
         return (torch.compile(model) if args.compile else model), optimizer
 
-    def gmix(mode, mixup=True, **kw):
-        model, opt = make('gmix_sam', base='sgd', rho=0.05)
+    def gmix(mode, mixup=True, adaptive=False, **options):
+        model, opt = make('gmix_sam', base=args.opt, rho=2.0 if adaptive else 0.05, adaptive=adaptive, **options)
         mixup_fn = timm_gmix.GMixup(**mix, mode=mode, gmix_ratio=args.gamma) if mixup else None
-        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, accelerator=accelerator, **kw)
+        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, accelerator=accelerator)
 
-    def plain(step_fn, opt, **opt_kwargs):
-        model, optimizer = make(opt, **opt_kwargs)
-        mixup_fn = Mixup(**mix)
+    def plain(step_fn, mixup=True):
+        model, optimizer = make(args.opt)
+        mixup_fn = Mixup(**mix) if mixup else None
         return lambda x, y: step_fn(model, optimizer, mixup_fn, x, y, accelerator)
 
+    def guarded():
+        model, optimizer = make(args.opt)
+        mixup_fn = Mixup(**mix)
+        return lambda x, y: timm_gmix.gmix_step(model, optimizer, x, y, mixup_fn, accelerator=accelerator)
+
     builders = {
-        'sgd_mixup': lambda: plain(sgd_mixup_step, 'sgd'),
-        'naive_sam': lambda: plain(naive_sam_step, 'sgd'),
-        'sam': lambda: gmix('g', mixup=False),
-        'g': lambda: gmix('g'),
-        'bg': lambda: gmix('bg'),
-        'dg': lambda: gmix('dg'),
+        'sgd': lambda: plain(sgd_mixup_step, mixup=False),
+        'sgd_mixup_guarded': guarded,
+        'sgd_mixup': lambda: plain(sgd_mixup_step),
+        'naive_sam': lambda: plain(naive_sam_step),
+        'sam': lambda **options: gmix('g', mixup=False, **options),
+        'g': lambda **options: gmix('g', **options),
+        'bg': lambda **options: gmix('bg', **options),
+        'dg': lambda **options: gmix('dg', **options),
     }
-    return {name: builders[name]() for name in args.modes}
+    modes = {}
+    for spec in args.modes:
+        name, options = parse_mode(spec)
+        modes[spec] = builders[name](**options)
+    return modes
+
+
+def steps_per_round(spec: str, steps: int) -> int:
+    """ `steps` rounded up to a multiple of the mode's SAM interval. """
+    interval = parse_mode(spec)[1].get('interval', 1)
+    return -(-steps // interval) * interval
 
 
 def synchronize(device):
@@ -232,14 +276,19 @@ def main():
                         help="mixed precision through Accelerate (its names); 'no': float32 without an Accelerator")
     parser.add_argument('--compile', action='store_true', help='torch.compile every mode (inductor)')
     parser.add_argument('--channels-last', action='store_true', help='model and batch in channels-last layout')
-    parser.add_argument('--modes', type=lambda s: s.split(','), default=list(MODES),
-                        help=f'comma-separated subset of {",".join(MODES)} (fewer compile faster with --compile); '
-                             f'{",".join(REFERENCES)} are needed')
+    parser.add_argument('--opt', default='sgd', help="the plain modes' optimizer and the one SAM wraps")
+    parser.add_argument('--modes', nargs='+', default=list(MODES),
+                        help=f'mode specs (see above; fewer compile faster with --compile); {REFERENCE} is needed')
     parser.add_argument('--overhead', action='store_true', help="measure train.py's own overhead instead")
     parser.add_argument('--out', default=None, help='write the Markdown table here')
+    parser.add_argument('--json', default=None, help='write {mode: step time / sgd_mixup} here')
     args = parser.parse_args()
-    if not set(REFERENCES) <= set(args.modes) <= set(MODES):
-        parser.error(f'--modes must be among {",".join(MODES)} and include {",".join(REFERENCES)}')
+    try:
+        [parse_mode(spec) for spec in args.modes]
+    except ValueError as e:
+        parser.error(str(e))
+    if REFERENCE not in args.modes:
+        parser.error(f'--modes must include {REFERENCE}, the reference of every ratio')
     if args.overhead:
         if args.precision != 'no' or args.compile or args.channels_last:
             parser.error('--overhead measures float32 eager training: drop --precision, --compile, --channels-last')
@@ -262,34 +311,35 @@ def main():
     for _ in range(args.rounds):
         random.shuffle(order)
         for name in order:
+            steps = steps_per_round(name, args.steps)
             synchronize(device)
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 modes[name](x.clone(), y)
             synchronize(device)
-            times[name].append((time.perf_counter() - start) / args.steps)
+            times[name].append((time.perf_counter() - start) / steps)
     memory = {name: peak_memory(step, (x, y), device) for name, step in modes.items()}
 
     def ratio(name, ref):
         return statistics.median(t / r for t, r in zip(times[name], times[ref]))
 
-    columns = {
-        'step (ms, median)': lambda n: f'{statistics.median(times[n]) * 1e3:.1f}',
-        'time / sgd_mixup': lambda n: f'{ratio(n, "sgd_mixup"):.3f}',
-        'time / naive_sam': lambda n: f'{ratio(n, "naive_sam"):.3f}',
-        'time / g': lambda n: f'{ratio(n, "g"):.3f}',
-        'peak memory / sgd_mixup': lambda n: f'{memory[n] / memory["sgd_mixup"]:.3f}',
-    }
+    columns = {'step (ms, median)': lambda n: f'{statistics.median(times[n]) * 1e3:.1f}'}
+    for ref in (REFERENCE, 'naive_sam', 'g'):
+        if ref in modes:
+            columns[f'time / {ref}'] = lambda n, ref=ref: f'{ratio(n, ref):.3f}'
+    columns['peak memory / sgd_mixup'] = lambda n: f'{memory[n] / memory[REFERENCE]:.3f}'
     if device.type == 'cuda':  # the CPU table stays as committed in results/speed.md
         columns['images/s'] = lambda n: f'{args.batch_size / statistics.median(times[n]):.0f}'
         columns['peak memory (MiB)'] = lambda n: f'{memory[n] / 2 ** 20:.0f}'
     setup = ''.join(f', {flag}' for flag, on in (
         (f'{args.precision} mixed precision', args.precision != 'no'), ('torch.compile', args.compile),
         ('channels-last', args.channels_last)) if on)
+    if args.json:
+        Path(args.json).write_text(json.dumps({n: ratio(n, REFERENCE) for n in modes}, indent=1) + '\n')
     lines = [
-        f'Model `{args.model}` {args.img_size}x{args.img_size}, batch {args.batch_size}, gamma {args.gamma}{setup}, '
-        f'{args.rounds} interleaved rounds of {args.steps} steps; {device.type} ({machine_name(device)}), '
-        f'torch {torch.__version__}.',
+        f'Model `{args.model}` {args.img_size}x{args.img_size}, batch {args.batch_size}, optimizer {args.opt}, '
+        f'gamma {args.gamma}{setup}, {args.rounds} interleaved rounds of {args.steps} steps (a multiple of a '
+        f'mode\'s interval); {device.type} ({machine_name(device)}), torch {torch.__version__}.',
         '',
         f'Command: `python benchmarks/speed.py {" ".join(sys.argv[1:])}`',
         '',

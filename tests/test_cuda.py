@@ -60,19 +60,19 @@ def updates(textbook, model, opt, x, y, seeds=(0, 1), **kwargs) -> dict:
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 
-def fp32_update(textbook, model, x, y) -> dict:
+def fp32_update(textbook, model, x, y, make_opt=sam, seeds=(0, 1)) -> dict:
     """ The reference: float32, without an accelerator. """
-    return updates(textbook, model, sam(model), x, y)
+    return updates(textbook, model, make_opt(model), x, y, seeds=seeds)
 
 
-def accelerated(mixed_precision, make_model):
+def accelerated(mixed_precision, make_model, make_opt=sam):
     """ Gate + model prepared by an Accelerator; fp16's GradScaler starts at 2**10, far from an overflow. """
     scaler = GradScalerKwargs(init_scale=2. ** 10)
     accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[scaler])
     torch.manual_seed(0)
     gate = Gate()
     model = torch.nn.Sequential(gate, make_model())
-    model, opt = accelerator.prepare(model, sam(model))
+    model, opt = accelerator.prepare(model, make_opt(model))
     return accelerator, gate, model, opt
 
 
@@ -105,6 +105,22 @@ def test_mixed_precision_update_is_the_fp32_update(mixed_precision, tolerance, m
     update = {n.removeprefix('1.'): u for n, u in update.items()}  # the Gate is module 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert relative_difference(update, expected) < tolerance
+
+
+@pytest.mark.parametrize('options', [dict(interval=2, reuse=0.7), dict(perturb='momentum')], ids=['looksam', 'msam'])
+def test_fp16_cheaper_steps_are_the_fp32_ones(options, make_mlp, make_batch, textbook):
+    """ The SAM interval with LookSAM's reuse (a full step, a one-pass update that adds g_v, a full step) and
+    MSAM's momentum perturbation under fp16 with the real GradScaler: g_v and the added direction are taken from
+    unscaled gradients, so the updates are float32's within fp16's rounding. """
+    def make_opt(model):
+        return sam(model, momentum=0.9, **options)
+
+    x, y = on_gpu(make_batch(8))
+    expected = fp32_update(textbook, make_mlp().to(CUDA), x, y, make_opt, seeds=(0, 1, 2))
+    accelerator, _, model, opt = accelerated('fp16', make_mlp, make_opt)
+    update = updates(textbook, model, opt, x, y, seeds=(0, 1, 2), accelerator=accelerator)
+    update = {n.removeprefix('1.'): u for n, u in update.items()}
+    assert relative_difference(update, expected) < 1e-2
 
 
 def test_channels_last_gives_the_contiguous_update(make_cnn, make_batch, textbook):
@@ -155,27 +171,31 @@ def test_bn_stats_come_from_the_ascent_pass_only(mode, make_cnn, make_batch):
         torch.testing.assert_close(buffers[n], b, msg=n)
 
 
-def test_g_step_reads_the_device_once(make_cnn, make_batch, textbook):
+@pytest.mark.parametrize('options', [{}, dict(interval=2, reuse=0.7), dict(perturb='momentum')],
+                         ids=['sam', 'looksam', 'msam'])
+def test_g_step_reads_the_device_once(options, make_cnn, make_batch, textbook):
     """ One G-Mix update (SAM around SGD with momentum, mixed batch, BatchNorm) makes exactly 1 host sync:
-    reading the skip decision after the step (`all_agree` in step.py). Counted with
-    `torch.cuda.set_sync_debug_mode('warn')`, which warns at every synchronizing CUDA call (a read of a
-    device value, a blocking host-to-device copy), after two warm-up steps. """
+    reading the skip decision after the step (`all_agree` in step.py); so do the full and the one-pass updates
+    of LookSAM, and MSAM's. Counted with `torch.cuda.set_sync_debug_mode('warn')`, which warns at every
+    synchronizing CUDA call (a read of a device value, a blocking host-to-device copy), after two warm-up
+    steps. """
     model = make_cnn().to(CUDA).train()
-    opt = sam(model, base='sgd', momentum=0.9)
+    opt = sam(model, base='sgd', momentum=0.9, **options)
     mixup_fn = gmixup('g')
     x, y = on_gpu(make_batch(8))
     for seed in (0, 1):
         assert not step(textbook, model, opt, x, y, mixup_fn, seed).skipped
-    textbook.seed_all(2)
-    inputs, targets = x.clone(), y.clone()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            result = gmix_step(model, opt, inputs, targets, mixup_fn)
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    assert not result.skipped
-    syncs = [f'{w.filename}:{w.lineno}' for w in seen if 'called a synchronizing' in str(w.message)]
-    assert len(syncs) == 1, syncs
+    for seed in (2, 3):
+        textbook.seed_all(seed)
+        inputs, targets = x.clone(), y.clone()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                result = gmix_step(model, opt, inputs, targets, mixup_fn)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        assert not result.skipped
+        syncs = [f'{w.filename}:{w.lineno}' for w in seen if 'called a synchronizing' in str(w.message)]
+        assert len(syncs) == 1, syncs

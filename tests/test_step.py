@@ -51,10 +51,10 @@ class Gate(nn.Module):
         return x * (self.bad if self.calls in self.poison else 1.0)
 
 
-def sam(model, base='momentum', momentum=0.0, weight_decay=0.0, lr=LR, rho=0.05):
+def sam(model, base='momentum', momentum=0.0, weight_decay=0.0, lr=LR, rho=0.05, **options):
     """ SAM around plain SGD (timm's 'momentum'): with momentum 0 the update is -lr * g'. """
     return create_optimizer_v2(model, opt='gmix_sam', base=base, lr=lr, momentum=momentum,
-                               weight_decay=weight_decay, rho=rho)
+                               weight_decay=weight_decay, rho=rho, **options)
 
 
 def gmixup(mode, gamma=0.5, lam_mode='batch', **kwargs):
