@@ -1,23 +1,40 @@
-""" Accuracy benchmark: ERM, Mixup, CutMix, SAM, ASAM, G-Mix, BG-Mix, DG-Mix on the built-in digits, limited data.
+""" Accuracy benchmark: ERM, Mixup, CutMix, SAM, ASAM, G-Mix, BG-Mix, DG-Mix and the cheaper G-Mix settings on
+three arms of the built-in digits, with a Pareto plot of test accuracy against step time.
 
-    python benchmarks/accuracy.py                 # about an hour on 2 CPU cores; stop and rerun to continue
-    python benchmarks/accuracy.py --report-only   # rebuild the table and plot from the CSV
+    python benchmarks/accuracy.py                 # about 80 minutes on 2 CPU cores; stop and rerun to continue
+    python benchmarks/accuracy.py --speed         # then each method's step time (alone: nothing else running)
+    python benchmarks/accuracy.py --report-only   # rebuild the tables and plots from the CSV and JSON files
 
-Every run goes through train.py itself (`train.main`), on the digits split three ways with a fixed seed: a
-fraction of the training split (`--train-subset`, the limited-data setting), the validation split used only to
-choose hyperparameters, and the test split used only for the reported numbers (the last epoch's accuracy, no
-selection on test). Each method has the same epochs, schedule and tuning budget: each of its hyperparameters
-(rho for SAM-family methods, alpha for mixing methods) from a short list, two tuning runs per setting, the best
-mean on validation kept; then `--seeds` runs at the chosen values. Ablations for BG-Mix and DG-Mix: gamma in
-{0.25, 0.5, 0.75} and the flagging direction, on the CNN.
+Arms (each its own model, data and schedule, the same for every method of the arm):
+    cnn        resnet10t at 32x32, SGD, 20 epochs, on a fixed 20% of the digits' training split (216 images)
+    cnn-noisy  the same CNN, 30 epochs, on a fixed 10% of the training split (108 images) with 20% symmetric label
+               noise: exactly 22 labels replaced by a uniformly drawn different class (fixed seed); validation and
+               test clean. Built once as a `save_to_disk` DatasetDict in benchmarks/cache/ and read by train.py
+               through its usual `--dataset <folder>` path (train.py has no label-noise flag, as timm's has none)
+    vit        test_vit with depth 2 at 32x32 (4x4 patches, 64 tokens), AdamW, 12 epochs, on the whole training split
+               (1,078 images): ERM reaches about 91-94% here, so the arm can tell methods apart
 
-Each run's result is appended to the CSV as it finishes; a rerun skips what is already there.
+Protocol: every run goes through train.py itself (`train.main`). Each method has the same number of tuning
+configurations (4) and the same tuning seed; the configuration with the best validation accuracy is kept
+(first listed wins a tie), then `--seeds` runs report test accuracy at the last epoch (no selection on test).
+ERM, which has no hyperparameter of its own, tunes the learning rate (x0.5 to x4 the arm's). The cheaper settings
+tune the same way; MSAM (a perturbation along the momentum) tunes larger radii, as its paper does.
+
+Each final run's exported model is kept in benchmarks/cache/accuracy/<arch>/<method>/seed<k>/ (model/ and
+run.json) for benchmarks/sharpness.py. Step times come from benchmarks/speed.py on each arm's model, batch and
+optimizer (`--speed`, results/speed_<arch>.json), relative to train.py's own SGD + Mixup step (`gmix_step` with
+its undo and finiteness checks, which every method here pays). Each run's result is appended to the CSV as it
+finishes; a rerun skips what is already there.
 """
 import argparse
 import csv
 import itertools
 import json
+import math
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,66 +43,117 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
+CACHE = ROOT / 'benchmarks' / 'cache'
+NOISY_DIGITS = CACHE / 'digits_10pct_20pct_noise'
 
-COMMON = ['--dataset', 'digits', '--train-subset', '0.2', '-b', '16', '--warmup-epochs', '1', '--sched', 'cosine',
-          '--workers', '0', '--smoothing', '0.1', '--hflip', '0', '--scale', '0.8', '1.0', '--color-jitter', '0']
-# Per architecture: model and optimizer settings shared by every method (the same epochs and schedule).
+COMMON = ['--warmup-epochs', '1', '--sched', 'cosine', '--workers', '0', '--smoothing', '0.1', '--hflip', '0',
+          '--scale', '0.8', '1.0', '--color-jitter', '0']
+CNN = ['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--lr', '0.05', '--weight-decay', '5e-4']
+VIT_KWARGS = dict(img_size=32, patch_size=4, class_token=False, depth=2)
+# Per arm: train.py flags shared by every method, the optimizer, and speed.py's flags for the same step.
 ARCHS = {
-    'cnn': dict(argv=['--model', 'resnet10t', '--img-size', '32', '--epochs', '20', '--lr', '0.05',
-                      '--weight-decay', '5e-4'], base='sgd'),
-    'vit': dict(argv=['--model', 'test_vit', '--img-size', '16', '--model-kwargs', 'img_size=16', 'patch_size=4',
-                      'class_token=False', 'global_pool=avg', '--epochs', '30', '--lr', '2e-3',
-                      '--weight-decay', '0.05'], base='adamw'),
+    'cnn': dict(argv=['--dataset', 'digits', '--train-subset', '0.2', *CNN, '--epochs', '20'], base='sgd', lr=0.05,
+                speed=['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--opt', 'sgd']),
+    'cnn-noisy': dict(argv=['--dataset', str(NOISY_DIGITS), *CNN, '--epochs', '30'], base='sgd', lr=0.05,
+                      speed=None),  # the cnn arm's step
+    'vit': dict(argv=['--dataset', 'digits', '--model', 'test_vit', '--img-size', '32', '-b', '32', '--model-kwargs',
+                      *[f'{k}={v}' for k, v in VIT_KWARGS.items()], '--gp', 'avg', '--epochs', '12',
+                      '--warmup-epochs', '2', '--lr', '2e-3', '--weight-decay', '0.05'], base='adamw', lr=2e-3,
+                speed=['--model', 'test_vit', '--model-kwargs', json.dumps({**VIT_KWARGS, 'global_pool': 'avg'}),
+                       '--img-size', '32', '-b', '32', '--opt', 'adamw']),
 }
-ALPHAS = (0.2, 0.5, 1.0)
-RHOS = (0.02, 0.05, 0.1)
-ASAM_RHOS = (0.5, 1.0, 2.0)
-GMIX_ALPHAS = (0.2, 1.0)
-# method -> (fixed flags, {flag: values to tune}); `{base}` is the architecture's optimizer.
+ALPHAS = (0.1, 0.2, 0.5, 1.0)
+GMIX_GRID = {'--rho': (0.02, 0.05), '--mixup': (0.2, 1.0)}
+MSAM_GRID = {'--rho': (0.2, 0.5), '--mixup': (0.2, 1.0)}
+SAM = ['--opt', 'gmix_sam', '--sam-base', '{base}']
+# method -> (fixed flags, {flag: values to tune} (4 configurations each), speed.py mode of its step)
 METHODS = {
-    'ERM': (['--opt', '{base}'], {}),
-    'Mixup': (['--opt', '{base}'], {'--mixup': ALPHAS}),
-    'CutMix': (['--opt', '{base}'], {'--cutmix': ALPHAS}),
-    'SAM': (['--opt', 'gmix_sam', '--sam-base', '{base}'], {'--rho': RHOS}),
-    'ASAM': (['--opt', 'gmix_sam', '--sam-base', '{base}', '--asam'], {'--rho': ASAM_RHOS}),
-    'G-Mix': (['--opt', 'gmix_sam', '--sam-base', '{base}', '--mixup-mode', 'g'], {'--rho': RHOS, '--mixup': GMIX_ALPHAS}),
-    'BG-Mix': (['--opt', 'gmix_sam', '--sam-base', '{base}', '--mixup-mode', 'bg'], {'--rho': RHOS, '--mixup': GMIX_ALPHAS}),
-    'DG-Mix': (['--opt', 'gmix_sam', '--sam-base', '{base}', '--mixup-mode', 'dg'], {'--rho': RHOS, '--mixup': GMIX_ALPHAS}),
+    'ERM': (['--opt', '{base}'], {'--lr': ('x0.5', 'x1', 'x2', 'x4')}, 'sgd_mixup_guarded'),
+    'Mixup': (['--opt', '{base}'], {'--mixup': ALPHAS}, 'sgd_mixup_guarded'),
+    'CutMix': (['--opt', '{base}'], {'--cutmix': ALPHAS}, 'sgd_mixup_guarded'),
+    'SAM': (SAM, {'--rho': (0.01, 0.02, 0.05, 0.1)}, 'sam'),
+    'ASAM': ([*SAM, '--asam'], {'--rho': (0.25, 0.5, 1.0, 2.0)}, 'sam:adaptive'),
+    'G-Mix': ([*SAM, '--mixup-mode', 'g'], GMIX_GRID, 'g'),
+    'BG-Mix': ([*SAM, '--mixup-mode', 'bg'], GMIX_GRID, 'bg'),
+    'DG-Mix': ([*SAM, '--mixup-mode', 'dg'], GMIX_GRID, 'dg'),
+    'G-Mix (MSAM)': ([*SAM, '--mixup-mode', 'g', '--sam-perturb', 'momentum'], MSAM_GRID, 'g:perturb=momentum'),
+    'DG-Mix (every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8'], GMIX_GRID, 'dg:interval=8'),
+    'DG-Mix (LookSAM, every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8', '--sam-reuse', '0.7'],
+                                    GMIX_GRID, 'dg:interval=8,reuse=0.7'),
+    'DG-Mix (MSAM, every 4th)': ([*SAM, '--mixup-mode', 'dg', '--sam-perturb', 'momentum', '--sam-interval', '4'],
+                                 MSAM_GRID, 'dg:interval=4,perturb=momentum'),
 }
-ABLATIONS = [{'--gmix-ratio': g, '--gmix-flag': 'largest'} for g in (0.25, 0.75)] + \
-            [{'--gmix-ratio': 0.5, '--gmix-flag': 'smallest'}]
-TUNING_SEEDS = (101, 102)  # apart from the reported seeds 1..N
+EXACT = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix')
+TUNING_SEEDS = (101,)  # apart from the reported seeds 1..N
+SPEED_REFERENCE = 'sgd_mixup_guarded'
 FIELDS = ['arch', 'method', 'phase', 'hparams', 'seed', 'split', 'top1', 'loss', 'seconds']
+
+
+def slug(method: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')
 
 
 def run_key(arch, method, phase, hparams, seed):
     return arch, method, phase, json.dumps(hparams, sort_keys=True), str(seed)
 
 
+def build_noisy_digits(path=NOISY_DIGITS, fraction=0.1, noise=0.2, seed=0):
+    """ The cnn-noisy arm's data: a fixed `fraction` of the digits' training split, `noise` of its labels replaced
+    by a uniformly drawn different class; validation and test as they are. """
+    import numpy as np
+    from timm_gmix.training.data import SPLIT_SEED, digits_dataset
+
+    if (path / 'dataset_dict.json').is_file():
+        return
+    splits = digits_dataset()
+    train = splits['train'].shuffle(seed=SPLIT_SEED).select(range(round(fraction * len(splits['train']))))
+    rng = np.random.default_rng(seed)
+    labels = np.array(train['label'])
+    flipped = rng.choice(len(labels), size=round(noise * len(labels)), replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
+    splits['train'] = train.remove_columns('label').add_column('label', labels.tolist()).cast(train.features)
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+        splits.save_to_disk(tmp)
+        shutil.copytree(tmp, path)
+
+
+def train_argv(arch, method, hparams, seed, split):
+    fixed, _, _ = METHODS[method]
+    base, lr = ARCHS[arch]['base'], ARCHS[arch]['lr']
+    tuned = {k: (f'{lr * float(v[1:]):g}' if isinstance(v, str) and v.startswith('x') else str(v))
+             for k, v in hparams.items()}
+    return [*COMMON, *ARCHS[arch]['argv'], *[a.format(base=base) for a in fixed],
+            *itertools.chain.from_iterable(tuned.items()), '--seed', str(seed), '--val-split', split]
+
+
 def train_once(arch, method, phase, hparams, seed, split):
-    """ One train.py run in this worker process; returns its CSV row. """
+    """ One train.py run in this worker process; returns its CSV row. A final run keeps its model. """
     import torch
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
     sys.path.insert(0, str(ROOT))
     import train
 
-    fixed, _ = METHODS[method]
-    argv = [*COMMON, *ARCHS[arch]['argv'], *[a.format(base=ARCHS[arch]['base']) for a in fixed],
-            *itertools.chain.from_iterable((k, str(v)) for k, v in hparams.items()),
-            '--seed', str(seed), '--val-split', split]
+    argv = train_argv(arch, method, hparams, seed, split)
     AcceleratorState._reset_state(True)
     start = time.time()
     with tempfile.TemporaryDirectory() as out:
         train.main([*argv, '--output', out, '--experiment', 'run'])
         with open(Path(out) / 'run' / 'summary.csv') as f:
             last = list(csv.DictReader(f))[-1]
-    return dict(zip(FIELDS, (*run_key(arch, method, phase, hparams, seed)[:4], seed, split,
-                             float(last['eval_top1']), float(last['eval_loss']), round(time.time() - start, 1))))
+        top1 = float(last['eval_top1'])
+        if phase == 'final':
+            keep = CACHE / 'accuracy' / arch / slug(method) / f'seed{seed}'
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(Path(out) / 'run' / 'model', keep / 'model')
+            (keep / 'run.json').write_text(json.dumps(dict(arch=arch, method=method, seed=seed, hparams=hparams,
+                                                           argv=argv, test_top1=top1), indent=1) + '\n')
+    return dict(zip(FIELDS, (*run_key(arch, method, phase, hparams, seed)[:4], seed, split, top1,
+                             float(last['eval_loss']), round(time.time() - start, 1))))
 
 
 class Runner:
-    """ Runs jobs two at a time, appending each result to the CSV as it finishes. """
+    """ Runs jobs `workers` at a time, appending each result to the CSV as it finishes. """
 
     def __init__(self, csv_path, workers):
         self.csv_path = Path(csv_path)
@@ -112,8 +180,8 @@ class Runner:
                 self.append(row)
                 self.finished_here += 1
                 left = total - len(self.rows)
-                eta = (time.time() - self.started) / self.finished_here * left
-                print(f'[{len(self.rows)} runs done, {left} to go, ~{eta / 60:.0f} min left] {row["arch"]} '
+                eta = (time.time() - self.started) / self.finished_here * left / 60
+                print(f'[{len(self.rows)} runs done, {left} to go, ~{eta:.0f} min left] {row["arch"]} '
                       f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: '
                       f'{row["top1"]:.2f}% ({row["seconds"]}s)', flush=True)
 
@@ -132,13 +200,12 @@ def grid(tuned):
 
 
 def tuning_jobs():
-    return [(arch, method, 'tune', hp, seed, 'validation') for arch in ARCHS for method, (_, tuned) in METHODS.items()
+    return [(arch, method, 'tune', hp, seed, 'validation') for arch in ARCHS for method, (_, tuned, _) in METHODS.items()
             for hp in grid(tuned) for seed in TUNING_SEEDS]
 
 
 def chosen(rows, arch, method):
-    """ The tuned hyperparameters with the best mean validation accuracy over the tuning seeds (first listed
-    wins a tie). """
+    """ The configuration with the best mean validation accuracy over the tuning seeds (first listed wins a tie). """
     accs = {}
     for r in rows:
         if r['arch'] == arch and r['method'] == method and r['phase'] == 'tune':
@@ -149,95 +216,117 @@ def chosen(rows, arch, method):
 
 
 def final_jobs(rows, seeds):
-    jobs = []
-    for arch in ARCHS:
-        for method in METHODS:
-            hp = chosen(rows, arch, method)
-            jobs += [(arch, method, 'final', hp, s, 'test') for s in seeds]
-            if arch == 'cnn' and method in ('BG-Mix', 'DG-Mix'):
-                jobs += [(arch, method, 'ablation', {**hp, **ab}, s, 'test') for ab in ABLATIONS for s in seeds]
-    return jobs
+    return [(arch, method, 'final', chosen(rows, arch, method), s, 'test')
+            for arch in ARCHS for method in METHODS for s in seeds]
 
 
-def summarize(rows):
-    """ (arch, method, phase, hparams) -> list of test accuracies. """
+def finals(rows):
+    """ (arch, method) -> (chosen hparams, test accuracies over seeds). """
     groups = {}
     for r in rows:
-        if r['phase'] != 'tune':
-            groups.setdefault((r['arch'], r['method'], r['phase'], r['hparams']), []).append(float(r['top1']))
+        if r['phase'] == 'final':
+            groups.setdefault((r['arch'], r['method']), (r['hparams'], []))[1].append(float(r['top1']))
     return groups
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def mean_se(values):
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.mean(values), sd, sd / math.sqrt(len(values))
+
+
+def step_times(out_dir):
+    """ arch -> {method: step time / train.py's SGD + Mixup step}, for the arms whose speed was measured. """
+    times = {}
+    for arch, cfg in ARCHS.items():
+        path = out_dir / f'speed_{arch if cfg["speed"] else "cnn"}.json'
+        if path.is_file():
+            ratios = json.loads(path.read_text())
+            times[arch] = {m: ratios[mode] / ratios[SPEED_REFERENCE] for m, (_, _, mode) in METHODS.items()
+                           if mode in ratios}
+    return times
 
 
 def report(rows, out_dir, command):
-    groups = summarize(rows)
-    lines = ['# Accuracy on the built-in digits, limited data', '',
-             f'Reproduce: `{command}` (results: `accuracy_runs.csv`).', '',
-             f'Common settings: `{" ".join(COMMON)}`; test accuracy (%) at the last epoch, mean and standard '
-             f'deviation over seeds; hyperparameters chosen on the validation split.', '']
-    for arch in ARCHS:
-        lines += [f'## {arch}: `{" ".join(ARCHS[arch]["argv"])}`, base optimizer {ARCHS[arch]["base"]}', '',
-                  '| method | test top-1 (mean ± std) | seeds | chosen on validation |', '| --- | ---: | ---: | --- |']
-        for (a, method, phase, hp), accs in groups.items():
-            if a == arch and phase == 'final':
-                m, s = mean_std(accs)
-                lines.append(f'| {method} | {m:.2f} ± {s:.2f} | {len(accs)} | {hp} |')
+    groups, times = finals(rows), step_times(out_dir)
+    lines = ['# Accuracy on the built-in digits: three arms, exact and cheaper G-Mix', '',
+             f'Reproduce: `{command}`, then `python benchmarks/accuracy.py --speed` alone (results: '
+             f'`accuracy_runs.csv`, `speed_<arch>.json`).', '',
+             f'Common settings: `{" ".join(COMMON)}`; test accuracy (%) at the last epoch over seeds: mean ± standard '
+             f'deviation (standard error); 4 tuning configurations per method chosen on the validation split with '
+             f'seed {", ".join(map(str, TUNING_SEEDS))}. Step time: relative to train.py\'s SGD + Mixup step, '
+             f'measured with benchmarks/speed.py on the arm\'s model, batch and optimizer.', '']
+    for arch, cfg in ARCHS.items():
+        lines += [f'## {arch}: `{" ".join(cfg["argv"])}`, base optimizer {cfg["base"]}', '',
+                  '| method | test top-1 (mean ± std (SE)) | seeds | step time | chosen on validation |',
+                  '| --- | ---: | ---: | ---: | --- |']
+        for method in METHODS:
+            if (arch, method) in groups:
+                hp, accs = groups[arch, method]
+                m, sd, se = mean_se(accs)
+                t = times.get(arch, {}).get(method)
+                lines.append(f'| {method} | {m:.2f} ± {sd:.2f} ({se:.2f}) | {len(accs)} | '
+                             f'{"" if t is None else f"{t:.2f}"} | {hp} |')
         lines.append('')
-    ablation = [(k, v) for k, v in groups.items() if k[2] == 'ablation' or (k[2] == 'final' and k[1] in ('BG-Mix', 'DG-Mix') and k[0] == 'cnn')]
-    if ablation:
-        lines += ['## Ablation (cnn): gamma and flagging direction', '',
-                  '| method | gamma | flag | test top-1 (mean ± std) | seeds |', '| --- | ---: | --- | ---: | ---: |']
-        for (arch, method, phase, hp), accs in sorted(ablation, key=lambda kv: (kv[0][1], kv[0][3])):
-            hp = json.loads(hp)
-            m, s = mean_std(accs)
-            lines.append(f'| {method} | {hp.get("--gmix-ratio", 0.5)} | {hp.get("--gmix-flag", "largest")} | '
-                         f'{m:.2f} ± {s:.2f} | {len(accs)} |')
     (out_dir / 'accuracy.md').write_text('\n'.join(lines) + '\n')
-    plot(groups, out_dir / 'accuracy.png')
+    plot(groups, times, out_dir / 'accuracy_pareto.png')
     print('\n'.join(lines))
 
 
-def plot(groups, path):
+def plot(groups, times, path):
+    """ One panel per arm: test accuracy (mean, error bar: standard error) against relative step time. """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ARCHS), figsize=(6 * len(ARCHS), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ARCHS), figsize=(6 * len(ARCHS), 4.8), squeeze=False)
     for ax, arch in zip(axes[0], ARCHS):
-        stats = [(method, *mean_std(accs)) for (a, method, phase, _), accs in groups.items()
-                 if a == arch and phase == 'final']
-        if not stats:
-            continue
-        names, means, stds = zip(*stats)
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color='tab:blue', alpha=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=30)
-        ax.set_ylim(max(0, min(means) - 3 * max(max(stds), 1)), min(100, max(means) + 3 * max(max(stds), 1)))
-        ax.set_ylabel('test top-1 (%)')
-        ax.set_title(f'{arch} ({ARCHS[arch]["argv"][1]}), mean ± std over seeds')
-    fig.tight_layout()
+        for i, method in enumerate(METHODS):
+            if (arch, method) not in groups or method not in times.get(arch, {}):
+                continue
+            m, _, se = mean_se(groups[arch, method][1])
+            ax.errorbar(times[arch][method], m, yerr=se, fmt='o' if method in EXACT else 's', capsize=3,
+                        color=plt.cm.tab20(i), label=method)
+        ax.set(xlabel="step time / train.py's SGD + Mixup step", ylabel='test top-1 (%)', title=arch)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=6, fontsize='small')
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
+
+
+def measure_speed(out_dir, rounds):
+    """ benchmarks/speed.py on each arm's step, every method's mode, in one process (run it alone). """
+    modes = list(dict.fromkeys(['sgd_mixup', SPEED_REFERENCE, *(mode for _, _, mode in METHODS.values())]))
+    for arch, cfg in ARCHS.items():
+        if cfg['speed']:
+            subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'speed.py'), *cfg['speed'], '--rounds',
+                            str(rounds), '--steps', '8', '--modes', *modes, '--json', str(out_dir / f'speed_{arch}.json'),
+                            '--out', str(out_dir / f'speed_{arch}.md')], check=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--seeds', type=int, default=5)
+    parser.add_argument('--seeds', type=int, default=3)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--out', default=str(RESULTS))
     parser.add_argument('--report-only', action='store_true')
+    parser.add_argument('--speed', action='store_true', help="measure each method's step time (alone), then report")
+    parser.add_argument('--speed-rounds', type=int, default=7)
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(out_dir / 'accuracy_runs.csv', args.workers)
     seeds = list(range(1, args.seeds + 1))
-    n_final = len(ARCHS) * len(METHODS) * len(seeds) + 2 * len(ABLATIONS) * len(seeds)
     tune = tuning_jobs()
-    if not args.report_only:
-        runner.run(tune, len(tune) + n_final)
-        runner.run(final_jobs(runner.rows, seeds), len(tune) + n_final)
-    report(runner.rows, out_dir, 'python benchmarks/accuracy.py' + (f' --seeds {args.seeds}' if args.seeds != 5 else ''))
+    total = len(tune) + len(ARCHS) * len(METHODS) * len(seeds)
+    if args.speed:
+        measure_speed(out_dir, args.speed_rounds)
+    elif not args.report_only:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        build_noisy_digits()
+        runner.run(tune, total)
+        runner.run(final_jobs(runner.rows, seeds), total)
+    report(runner.rows, out_dir, 'python benchmarks/accuracy.py' + (f' --seeds {args.seeds}' if args.seeds != 3 else ''))
 
 
 if __name__ == '__main__':

@@ -46,6 +46,7 @@ BAD_INPUT = {
                                                 'momentum'], 'keeps momentum', 'adagrad'),
     'unknown perturbation': (['--opt', 'gmix_sam', '--sam-perturb', 'random'], '--sam-perturb', 'random'),
     'gamma above 1': ([*MIX, '--opt', 'gmix_sam', '--mixup-mode', 'dg', '--gmix-ratio', '1.5'], '--gmix-ratio'),
+    'model kwargs that a flag sets': (['--model-kwargs', 'global_pool=avg'], '--model-kwargs global_pool=', '--gp'),
     'optimizer kwargs it does not take': (['--opt-kwargs', 'foo=1'], 'does not take', '--opt-kwargs'),
     # numbers out of range
     'lr nan': (['--lr', 'nan'], '--lr', 'nan'),

@@ -16,6 +16,11 @@ from ..mixup import GMixup
 from ..sam import is_sam
 
 
+MODEL_KWARG_FLAGS = {'drop_rate': '--drop', 'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block',
+                     'global_pool': '--gp', 'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps',
+                     'scriptable': '--torchscript', 'in_chans': '--in-chans'}  # num_classes: from the data
+
+
 def create_model(args, num_classes: int):
     """ The timm model: random init, or pretrained weights (`--pretrained` from the Hub, `--pretrained-path`
     file, `local-dir:` folder). timm replaces the classifier head by a fresh one when `num_classes` differs
@@ -24,7 +29,12 @@ def create_model(args, num_classes: int):
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size or [None])[0]
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
-                  bn_eps=args.bn_eps, scriptable=args.torchscript or None, in_chans=in_chans, **args.model_kwargs)
+                  bn_eps=args.bn_eps, scriptable=args.torchscript or None, in_chans=in_chans)
+    for name in kwargs.keys() & args.model_kwargs.keys():
+        flag = MODEL_KWARG_FLAGS.get(name)
+        raise UsageError(f'--model-kwargs {name}= is set by ' + (f'the flag {flag}: use {flag} instead' if flag else
+                         'train.py itself: drop it from --model-kwargs'))
+    kwargs.update(args.model_kwargs)
     if args.initial_checkpoint and not Path(args.initial_checkpoint).is_file():
         raise UsageError(f'--initial-checkpoint {args.initial_checkpoint} does not exist: give a weights file')
     if args.model.startswith('local-dir:') and not (Path(args.model[len('local-dir:'):]) / 'config.json').is_file():
