@@ -41,7 +41,8 @@ MEASURES = {  # CSV column: label in the table and plots
     'top_hessian_eigenvalue': 'top eigenvalue', 'hessian_trace': 'trace', 'worst_case_sharpness': 'worst case',
     'adaptive_worst_case_sharpness': 'adaptive worst case', 'average_case_sharpness': 'average case', 'loss': 'loss'}
 FIELDS = ['run', 'arch', 'method', 'seed', 'hparams', 'test_top1', *MEASURES, 'loss_curve', 'num_examples', 'seconds']
-METHOD_ORDER = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix')
+METHOD_ORDER = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix', 'G-Mix (MSAM)',
+                'DG-Mix (every 8th)', 'DG-Mix (LookSAM, every 8th)')  # accuracy.METHODS
 
 
 def find_runs(cache: Path) -> list:
