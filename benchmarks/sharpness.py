@@ -24,6 +24,7 @@ correlation of each measure with test accuracy over runs), sharpness_curves.png 
 import argparse
 import csv
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -88,13 +89,21 @@ def measure_all(cache: Path, csv_path: Path, workers: int, num_examples: int, se
     done = {r['run'] for r in read_rows(csv_path)}
     todo = [r for r in find_runs(cache) if r.relative_to(cache).as_posix() not in done]
     print(f'{len(done)} runs already measured, {len(todo)} to go', flush=True)
-    with ProcessPoolExecutor(workers) as pool:
+    for i, row in enumerate(measured(todo, cache, workers, num_examples, settings), 1):
+        append_row(csv_path, row)
+        print(f'[{i}/{len(todo)}] {row["run"]}: top eigenvalue {row["top_hessian_eigenvalue"]:.3g}, trace '
+              f'{row["hessian_trace"]:.3g} ({row["seconds"]}s)', flush=True)
+
+
+def measured(todo, cache: Path, workers: int, num_examples: int, settings: dict):
+    """ measure_run of each run, as they finish: in this process with one worker, else in spawned processes
+    (forking a process that has run autograd is unsafe). """
+    if workers == 1:
+        yield from (measure_run(run, cache, num_examples, settings) for run in todo)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
         futures = [pool.submit(measure_run, run, cache, num_examples, settings) for run in todo]
-        for i, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            append_row(csv_path, row)
-            print(f'[{i}/{len(todo)}] {row["run"]}: top eigenvalue {row["top_hessian_eigenvalue"]:.3g}, trace '
-                  f'{row["hessian_trace"]:.3g} ({row["seconds"]}s)', flush=True)
+        yield from (future.result() for future in as_completed(futures))
 
 
 def _method_key(method: str):
