@@ -11,11 +11,12 @@ Arms (each its own model, data and schedule, the same for every method of the ar
                noise: exactly 22 labels replaced by a uniformly drawn different class (fixed seed); validation and
                test clean. Built once as a `save_to_disk` DatasetDict in benchmarks/cache/ and read by train.py
                through its usual `--dataset <folder>` path (train.py has no label-noise flag, as timm's has none)
-    vit        test_vit with depth 2 at 32x32 (4x4 patches, 64 tokens), AdamW, 8 epochs, on the whole training split
-               (1,078 images), so that ERM learns (94% after 20 epochs in a trial run) and the arm can tell methods
-               apart
+    vit        test_vit with depth 2 at 32x32 (4x4 patches, 64 tokens), AdamW, 20 epochs, on the whole training split
+               (1,078 images), so that ERM learns (94.2% test top-1 after 20 epochs in a trial run; with 8 epochs
+               its tuning runs reached 40-62% validation, so 8 is not enough) and the arm can tell methods apart
 
-The epochs are what fits the 2-core machine: about 250 runs at 20-60 s each.
+The CNN arms' epochs are what fits the 2-core machine: about 150 runs at 30-110 s each, 45 minutes with two
+workers. The vit arm adds about 77 runs of 50-120 s (about 50 minutes more): `--arms` picks the arms to run.
 
 Protocol: every run goes through train.py itself (`train.main`). Each method has the same number of tuning
 configurations (4) and the same tuning seed; the configuration with the best validation accuracy is kept
@@ -60,7 +61,7 @@ ARCHS = {
     'cnn-noisy': dict(argv=['--dataset', str(NOISY_DIGITS), *CNN, '--epochs', '20'], base='sgd', lr=0.05,
                       speed=None),  # the cnn arm's step
     'vit': dict(argv=['--dataset', 'digits', '--model', 'test_vit', '--img-size', '32', '-b', '32', '--model-kwargs',
-                      *[f'{k}={v}' for k, v in VIT_KWARGS.items()], '--gp', 'avg', '--epochs', '8',
+                      *[f'{k}={v}' for k, v in VIT_KWARGS.items()], '--gp', 'avg', '--epochs', '20',
                       '--warmup-epochs', '2', '--lr', '2e-3', '--weight-decay', '0.05'], base='adamw', lr=2e-3,
                 speed=['--model', 'test_vit', '--model-kwargs', json.dumps({**VIT_KWARGS, 'global_pool': 'avg'}),
                        '--img-size', '32', '-b', '32', '--opt', 'adamw']),
@@ -200,8 +201,8 @@ def grid(tuned):
     return [dict(zip(tuned, values)) for values in itertools.product(*tuned.values())]
 
 
-def tuning_jobs():
-    return [(arch, method, 'tune', hp, seed, 'validation') for arch in ARCHS for method, (_, tuned, _) in METHODS.items()
+def tuning_jobs(arms):
+    return [(arch, method, 'tune', hp, seed, 'validation') for arch in arms for method, (_, tuned, _) in METHODS.items()
             for hp in grid(tuned) for seed in TUNING_SEEDS]
 
 
@@ -216,9 +217,9 @@ def chosen(rows, arch, method):
     return json.loads(best)
 
 
-def final_jobs(rows, seeds):
+def final_jobs(rows, arms, seeds):
     return [(arch, method, 'final', chosen(rows, arch, method), s, 'test')
-            for arch in ARCHS for method in METHODS for s in seeds]
+            for arch in arms for method in METHODS for s in seeds]
 
 
 def finals(rows):
@@ -247,6 +248,10 @@ def step_times(out_dir):
     return times
 
 
+def trained_arms(groups):
+    return [arch for arch in ARCHS if any(a == arch for a, _ in groups)]
+
+
 def report(rows, out_dir, command):
     groups, times = finals(rows), step_times(out_dir)
     lines = ['# Accuracy on the built-in digits: three arms, exact and cheaper G-Mix', '',
@@ -256,7 +261,8 @@ def report(rows, out_dir, command):
              f'deviation (standard error); 4 tuning configurations per method chosen on the validation split with '
              f'seed {", ".join(map(str, TUNING_SEEDS))}. Step time: relative to train.py\'s SGD + Mixup step, '
              f'measured with benchmarks/speed.py on the arm\'s model, batch and optimizer.', '']
-    for arch, cfg in ARCHS.items():
+    for arch in trained_arms(groups):
+        cfg = ARCHS[arch]
         lines += [f'## {arch}: `{" ".join(cfg["argv"])}`, base optimizer {cfg["base"]}', '',
                   '| method | test top-1 (mean ± std (SE)) | seeds | step time | chosen on validation |',
                   '| --- | ---: | ---: | ---: | --- |']
@@ -279,8 +285,9 @@ def plot(groups, times, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ARCHS), figsize=(6 * len(ARCHS), 4.8), squeeze=False)
-    for ax, arch in zip(axes[0], ARCHS):
+    arms = trained_arms(groups)
+    fig, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 4.8), squeeze=False)
+    for ax, arch in zip(axes[0], arms):
         for i, method in enumerate(METHODS):
             if (arch, method) not in groups or method not in times.get(arch, {}):
                 continue
@@ -295,10 +302,11 @@ def plot(groups, times, path):
     fig.savefig(path, dpi=120)
 
 
-def measure_speed(out_dir, rounds):
+def measure_speed(out_dir, rounds, arms):
     """ benchmarks/speed.py on each arm's step, every method's mode, in one process (run it alone). """
     modes = list(dict.fromkeys(['sgd_mixup', SPEED_REFERENCE, *(mode for _, _, mode in METHODS.values())]))
-    for arch, cfg in ARCHS.items():
+    for arch in arms:
+        cfg = ARCHS[arch]
         if cfg['speed']:
             subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'speed.py'), *cfg['speed'], '--rounds',
                             str(rounds), '--steps', '8', '--modes', *modes, '--json', str(out_dir / f'speed_{arch}.json'),
@@ -313,20 +321,21 @@ def main():
     parser.add_argument('--report-only', action='store_true')
     parser.add_argument('--speed', action='store_true', help="measure each method's step time (alone), then report")
     parser.add_argument('--speed-rounds', type=int, default=7)
+    parser.add_argument('--arms', nargs='+', default=list(ARCHS), choices=list(ARCHS), help='the arms to train')
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(out_dir / 'accuracy_runs.csv', args.workers)
     seeds = list(range(1, args.seeds + 1))
-    tune = tuning_jobs()
-    total = len(tune) + len(ARCHS) * len(METHODS) * len(seeds)
+    tune = tuning_jobs(args.arms)
+    total = len(tune) + len(args.arms) * len(METHODS) * len(seeds)
     if args.speed:
-        measure_speed(out_dir, args.speed_rounds)
+        measure_speed(out_dir, args.speed_rounds, args.arms)
     elif not args.report_only:
         CACHE.mkdir(parents=True, exist_ok=True)
         build_noisy_digits()
         runner.run(tune, total)
-        runner.run(final_jobs(runner.rows, seeds), total)
+        runner.run(final_jobs(runner.rows, args.arms, seeds), total)
     report(runner.rows, out_dir, 'python benchmarks/accuracy.py' + (f' --seeds {args.seeds}' if args.seeds != 3 else ''))
 
 
