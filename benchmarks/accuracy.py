@@ -1,7 +1,7 @@
 """ Accuracy benchmark: ERM, Mixup, CutMix, SAM, ASAM, G-Mix, BG-Mix, DG-Mix and the cheaper G-Mix settings on
 three arms of the built-in digits, with a Pareto plot of test accuracy against step time.
 
-    python benchmarks/accuracy.py                 # about 70 minutes on 2 CPU cores; stop and rerun to continue
+    python benchmarks/accuracy.py                 # about 2 hours on 2 CPU cores; stop and rerun to continue
     python benchmarks/accuracy.py --speed         # then each method's step time (alone: nothing else running)
     python benchmarks/accuracy.py --report-only   # rebuild the tables and plots from the CSV and JSON files
 
@@ -15,7 +15,7 @@ Arms (each its own model, data and schedule, the same for every method of the ar
                (1,078 images), so that ERM learns (94.2% test top-1 after 20 epochs in a trial run; with 8 epochs
                its tuning runs reached 40-62% validation, so 8 is not enough) and the arm can tell methods apart
 
-The CNN arms' epochs are what fits the 2-core machine: about 150 runs at 30-110 s each, 45 minutes with two
+The CNN arms' epochs are what fits the 2-core machine: about 150 runs at 30-110 s each, about an hour with two
 workers. The vit arm adds about 77 runs of 50-120 s (about 50 minutes more): `--arms` picks the arms to run.
 
 Protocol: every run goes through train.py itself (`train.main`). Each method has the same number of tuning
