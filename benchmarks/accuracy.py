@@ -157,9 +157,10 @@ def train_once(arch, method, phase, hparams, seed, split):
 class Runner:
     """ Runs jobs `workers` at a time, appending each result to the CSV as it finishes. """
 
-    def __init__(self, csv_path, workers):
+    def __init__(self, csv_path, workers, arms):
         self.csv_path = Path(csv_path)
         self.workers = workers
+        self.arms = arms
         self.rows = []
         if self.csv_path.is_file():
             with open(self.csv_path) as f:
@@ -172,7 +173,7 @@ class Runner:
                    for r in self.rows)
 
     def run(self, jobs, total):
-        """ Run the jobs not yet in the CSV; `total` is the number of runs of the whole benchmark. """
+        """ Run the jobs not yet in the CSV; `total` is the number of runs of the arms being trained. """
         jobs = [j for j in jobs if not self.done(j)]
         if not jobs:
             return
@@ -181,7 +182,7 @@ class Runner:
                 row = future.result()
                 self.append(row)
                 self.finished_here += 1
-                left = total - len(self.rows)
+                left = total - sum(r['arch'] in self.arms for r in self.rows)
                 eta = (time.time() - self.started) / self.finished_here * left / 60
                 print(f'[{len(self.rows)} runs done, {left} to go, ~{eta:.0f} min left] {row["arch"]} '
                       f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: '
@@ -325,7 +326,7 @@ def main():
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out_dir / 'accuracy_runs.csv', args.workers)
+    runner = Runner(out_dir / 'accuracy_runs.csv', args.workers, args.arms)
     seeds = list(range(1, args.seeds + 1))
     tune = tuning_jobs(args.arms)
     total = len(tune) + len(args.arms) * len(METHODS) * len(seeds)
