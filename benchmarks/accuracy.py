@@ -45,6 +45,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from runs_csv import RunsCSV
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
 CACHE = ROOT / 'benchmarks' / 'cache'
@@ -156,17 +158,13 @@ def train_once(arch, method, phase, hparams, seed, split):
                              float(last['eval_loss']), round(time.time() - start, 1))))
 
 
-class Runner:
+class Runner(RunsCSV):
     """ Runs jobs `workers` at a time, appending each result to the CSV as it finishes. """
 
     def __init__(self, csv_path, workers, arms):
-        self.csv_path = Path(csv_path)
+        super().__init__(csv_path, FIELDS)
         self.workers = workers
         self.arms = arms
-        self.rows = []
-        if self.csv_path.is_file():
-            with open(self.csv_path) as f:
-                self.rows = list(csv.DictReader(f))
         self.started = time.time()
         self.finished_here = 0
 
@@ -189,15 +187,6 @@ class Runner:
                 print(f'[{len(self.rows)} runs done, {left} to go, ~{eta:.0f} min left] {row["arch"]} '
                       f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: '
                       f'{row["top1"]:.2f}% ({row["seconds"]}s)', flush=True)
-
-    def append(self, row):
-        self.rows.append({k: str(v) for k, v in row.items()})
-        new = not self.csv_path.is_file()
-        with open(self.csv_path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
 
 def grid(tuned):

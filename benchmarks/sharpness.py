@@ -22,7 +22,6 @@ Writes sharpness.md (mean ± std over seeds per architecture and method, with te
 correlation of each measure with test accuracy over runs), sharpness_curves.png and sharpness_scatter.png.
 """
 import argparse
-import csv
 import json
 import multiprocessing
 import statistics
@@ -30,6 +29,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from accuracy import METHODS
+from runs_csv import RunsCSV
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -42,8 +46,6 @@ MEASURES = {  # CSV column: label in the table and plots
     'top_hessian_eigenvalue': 'top eigenvalue', 'hessian_trace': 'trace', 'worst_case_sharpness': 'worst case',
     'adaptive_worst_case_sharpness': 'adaptive worst case', 'average_case_sharpness': 'average case', 'loss': 'loss'}
 FIELDS = ['run', 'arch', 'method', 'seed', 'hparams', 'test_top1', *MEASURES, 'loss_curve', 'num_examples', 'seconds']
-METHOD_ORDER = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix', 'G-Mix (MSAM)',
-                'DG-Mix (every 8th)', 'DG-Mix (LookSAM, every 8th)')  # accuracy.METHODS
 
 
 def find_runs(cache: Path) -> list:
@@ -68,29 +70,13 @@ def measure_run(run_dir: Path, cache: Path, num_examples: int, settings: dict) -
             'num_examples': sum(len(y) for _, y in batches), 'seconds': round(time.time() - start, 1)}
 
 
-def read_rows(path: Path) -> list:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict):
-    new = not path.is_file()
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def measure_all(cache: Path, csv_path: Path, workers: int, num_examples: int, settings: dict):
-    """ Measure every run under `cache` not yet in the CSV, appending each row as it finishes. """
-    done = {r['run'] for r in read_rows(csv_path)}
+def measure_all(cache: Path, runs: RunsCSV, workers: int, num_examples: int, settings: dict):
+    """ Measure every run under `cache` not yet in `runs`, appending each row as it finishes. """
+    done = {r['run'] for r in runs.rows}
     todo = [r for r in find_runs(cache) if r.relative_to(cache).as_posix() not in done]
     print(f'{len(done)} runs already measured, {len(todo)} to go', flush=True)
     for i, row in enumerate(measured(todo, cache, workers, num_examples, settings), 1):
-        append_row(csv_path, row)
+        runs.append(row)
         print(f'[{i}/{len(todo)}] {row["run"]}: top eigenvalue {row["top_hessian_eigenvalue"]:.3g}, trace '
               f'{row["hessian_trace"]:.3g} ({row["seconds"]}s)', flush=True)
 
@@ -107,11 +93,12 @@ def measured(todo, cache: Path, workers: int, num_examples: int, settings: dict)
 
 
 def _method_key(method: str):
-    return (METHOD_ORDER.index(method), '') if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    order = list(METHODS)
+    return (order.index(method), '') if method in order else (len(order), method)
 
 
 def groups_of(rows) -> dict:
-    """ {arch: {method: [rows]}}, methods in METHOD_ORDER (others after, by name). """
+    """ {arch: {method: [rows]}}, methods in the accuracy benchmark's order (others after, by name). """
     groups = {}
     for r in rows:
         groups.setdefault(r['arch'], {}).setdefault(r['method'], []).append(r)
@@ -124,26 +111,9 @@ def mean_std(values) -> str:
     return f'{statistics.mean(values):.4g} ± {std:.2g}'
 
 
-def _ranks(values):
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):  # ties share their mean rank
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            ranks[k] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def spearman(x, y) -> float:
-    """ Spearman's rank correlation (NaN when either side is constant). """
-    try:
-        return statistics.correlation(_ranks(x), _ranks(y))
-    except statistics.StatisticsError:
-        return float('nan')
+    """ Spearman's rank correlation (NaN, with scipy's warning, when either side is constant). """
+    return float(spearmanr(x, y).statistic)
 
 
 def report(rows, out_dir: Path, command: str):
@@ -224,12 +194,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / 'sharpness_runs.csv'
+    runs = RunsCSV(out_dir / 'sharpness_runs.csv', FIELDS)
     if not args.report_only:
-        measure_all(Path(args.cache), csv_path, args.workers, args.num_examples, SETTINGS)
-    rows = read_rows(csv_path)
+        measure_all(Path(args.cache), runs, args.workers, args.num_examples, SETTINGS)
+    rows = runs.rows
     if not rows:
-        sys.exit(f'error: no measured runs in {csv_path}: run benchmarks/accuracy.py first (it keeps its final '
+        sys.exit(f'error: no measured runs in {runs.path}: run benchmarks/accuracy.py first (it keeps its final '
                  f'models in {args.cache}), then this without --report-only')
     report(rows, out_dir, 'python benchmarks/sharpness.py' + (
         f' --num-examples {args.num_examples}' if args.num_examples != 128 else ''))

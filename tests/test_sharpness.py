@@ -251,8 +251,9 @@ def test_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
 def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     """ benchmarks/sharpness.py on one kept run: the CSV row holds the library's numbers on the run's first
     training examples, and a rerun measures nothing again. """
-    spec = importlib.util.spec_from_file_location(
-        'sharpness_benchmark', Path(__file__).resolve().parents[1] / 'benchmarks' / 'sharpness.py')
+    benchmarks = Path(__file__).resolve().parents[1] / 'benchmarks'
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when it runs as a script: its sibling modules
+    spec = importlib.util.spec_from_file_location('sharpness_benchmark', benchmarks / 'sharpness.py')
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # so that its worker processes find measure_run
     spec.loader.exec_module(bench)
@@ -268,7 +269,7 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     out = tmp_path / 'results'
     cli = ['--cache', str(tmp_path / 'cache'), '--out', str(out), '--workers', '1', '--num-examples', '5']
     bench.main(cli)
-    (row,) = bench.read_rows(out / 'sharpness_runs.csv')
+    (row,) = bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows
 
     model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True)
     args = parse_args(argv)
@@ -284,4 +285,4 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
                                                      'sharpness_scatter.png']
 
     bench.main(cli)  # nothing left to measure: the CSV keeps its one row
-    assert bench.read_rows(out / 'sharpness_runs.csv') == [row]
+    assert bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows == [row]

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from timm_gmix import GMixup, find_sam, gmix_step
 from timm_gmix.step import all_finite
+from timm_gmix.training.checkpoint import all_finite as checkpoint_finite
 
 LR = 0.1
 MIX = dict(mixup_alpha=1.0, label_smoothing=0.1, num_classes=10)
@@ -191,14 +192,18 @@ def test_non_finite_gradient_is_not_diverged(make_mlp, make_batch):
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite(dtype):
-    """ Any NaN, inf or -inf is caught; large finite tensors (sum |x| beyond float16's range) are finite. """
+    """ Any NaN, inf or -inf is caught; large finite tensors (sum |x| beyond float16's range, x^2 beyond
+    float32's: Adam's exp_avg_sq) are finite. The same for the check before a checkpoint is saved, which also
+    takes values that are not tensors. """
     cpu = torch.device('cpu')
     large = torch.full((100,), 6e4 if dtype == torch.float16 else 1e30, dtype=dtype)
     assert bool(all_finite([large, torch.empty(0, dtype=dtype), torch.arange(3)], cpu))
+    assert checkpoint_finite([large, torch.empty(0, dtype=dtype), torch.arange(3), 7])
     for bad in (float('nan'), float('inf'), -float('inf')):
         tensor = torch.zeros(5, dtype=dtype)
         tensor[3] = bad
         assert not bool(all_finite([large, tensor], cpu)), bad
+        assert not checkpoint_finite([large, 7, tensor]), bad
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,18 +45,9 @@ def is_sam(opt: str) -> bool:
     return registry_name(opt) == 'sam'
 
 
-def group_by_device_and_dtype(
-        tensors: Iterable[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
-    """ Foreach kernels take their fast path only on lists of one device and dtype. """
-    groups = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
-
-
-def grouped(first: List[torch.Tensor], *others: List[torch.Tensor]) -> List[Tuple[List[torch.Tensor], ...]]:
+def grouped(first: Iterable[torch.Tensor], *others: List[torch.Tensor]) -> List[Tuple[List[torch.Tensor], ...]]:
     """ `first` and the lists paired with it element by element, split by the device and dtype of `first`'s
-    tensors. """
+    tensors: foreach kernels take their fast path only on lists of one device and dtype. """
     groups = {}
     for items in zip(first, *others):
         groups.setdefault((items[0].device, items[0].dtype), []).append(items)
@@ -84,7 +75,7 @@ class TensorCopy:
     def save(self, tensors: Iterable[torch.Tensor]):
         tensors = list(tensors)
         layout = [(t.device, t.dtype, t.shape, t.stride()) for t in tensors]
-        self._sources = list(group_by_device_and_dtype(tensors).values())
+        self._sources = [group for group, in grouped(tensors)]
         if layout != self._layout:
             self._layout = layout
             self._buffers = [[torch.empty_like(t) for t in group] for group in self._sources]
@@ -209,8 +200,8 @@ class SAM(torch.optim.Optimizer):
         self.saved_w.save(self._params())
         for group in self.param_groups:
             moved = [p for p in group['params'] if p in directions]
-            for (device, _), params in group_by_device_and_dtype(moved).items():
-                d, scale = [directions[p] for p in params], (sign * group['rho'] / (norm + 1e-12)).to(device)
+            for params, in grouped(moved):
+                d, scale = [directions[p] for p in params], (sign * group['rho'] / (norm + 1e-12)).to(params[0].device)
                 if in_place:
                     torch._foreach_mul_(d, scale)
                 e = d if in_place else torch._foreach_mul(d, scale)

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from timm.utils import dispatch_clip_grad
 
 from .mixup import GMixup, MixedBatch
-from .sam import TensorCopy, find_sam, group_by_device_and_dtype
+from .sam import TensorCopy, find_sam, grouped
 from .sensitivity import flag_examples
 
 
@@ -102,9 +102,9 @@ def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.T
     (max |x| has no such bound but is several times slower on CPU). Tensors on another kind of device are
     left out: reading them would wait for the accelerator (Adam's CPU step counts beside CUDA parameters). """
     flags = [torch.ones((), dtype=torch.bool, device=device)]
-    for (where, dtype), group in group_by_device_and_dtype(tensors).items():
-        if where.type == device.type and dtype.is_floating_point:
-            norms = torch._foreach_norm(group, 1, dtype=torch.promote_types(dtype, torch.float32))
+    for group, in grouped(tensors):
+        if group[0].device.type == device.type and group[0].is_floating_point():
+            norms = torch._foreach_norm(group, 1, dtype=torch.promote_types(group[0].dtype, torch.float32))
             flags.append(torch.stack(norms).isfinite().all().to(device))
     return torch.stack(flags).all()
 
@@ -251,11 +251,10 @@ def gmix_step(
     undo.save_buffers(model)
     ones = torch.ones(batch_size, device=batch.inputs.device)
     full = sam is not None and sam.is_full_step()
-    result = StepResult(loss=ones.new_zeros(()), skipped=True, full_step=full)
+    sensitivity = flagged = None
     ascent_ok = torch.ones((), dtype=torch.bool, device=ones.device)
     if not full:  # a plain optimizer, or SAM between its full steps: one pass on the mixed batch
-        loss_e = forward_backward(batch.inputs, batch.targets, ones, sync=True)
-        result.loss = loss_e.mean()
+        loss_e = loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=True)
     else:
         if sam.perturbation == 'gradient':
             loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sync_ascent)
@@ -274,10 +273,8 @@ def gmix_step(
                 stepper.zero_grad(set_to_none=True)
                 with frozen_bn_stats(model) if loss_w is not None else nullcontext():
                     if mode in ('bg', 'dg'):
-                        result.sensitivity = forward(batch.inputs, batch.targets) - loss_w
-                        flagged = flag_examples(
-                            result.sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
-                        result.flagged, result.mixes_two_classes = flagged, batch.mixes_two_classes
+                        sensitivity = forward(batch.inputs, batch.targets) - loss_w
+                        flagged = flag_examples(sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
                         x, y, weights = batch.descent_batch(flagged, mode)
                     else:  # g: the mixed batch again (descent_batch would read `flagged` on the host)
                         x, y, weights = batch.inputs, batch.targets, ones
@@ -285,7 +282,6 @@ def gmix_step(
         except BaseException:
             stepper.zero_grad(set_to_none=True)
             raise
-        result.loss = (loss_e if loss_w is None else loss_w).mean()
 
     if scaler is not None:
         scaler.unscale_(stepper)
@@ -305,14 +301,15 @@ def gmix_step(
     stepper.step()
     update_ok = update_is_finite(stepper, ones.device, model.buffers())
     ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
-    result.skipped = not (ascent_ok and descent_ok and update_ok)
-    result.diverged = ascent_ok and descent_ok and not update_ok
+    result = StepResult(loss=(loss_e if loss_w is None else loss_w).mean(),
+                        skipped=not (ascent_ok and descent_ok and update_ok),
+                        diverged=ascent_ok and descent_ok and not update_ok, full_step=full)
+    if sensitivity is not None and ascent_ok:
+        result.sensitivity, result.flagged, result.mixes_two_classes = sensitivity, flagged, batch.mixes_two_classes
     if result.skipped:
         undo.undo()
     elif sam is not None:
         sam.count_update()
-    if not ascent_ok:
-        result.sensitivity = result.flagged = result.mixes_two_classes = None
     if scaler is not None:
         scaler.update()
     stepper.zero_grad(set_to_none=True)

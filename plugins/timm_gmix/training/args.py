@@ -415,7 +415,7 @@ def _check_efficient_sam(args):
     if args.sam_interval < 1:
         raise UsageError(f'--sam-interval must be at least 1 (1: every update is a full step), got {args.sam_interval}')
     if not (math.isfinite(args.sam_reuse) and args.sam_reuse >= 0):
-        raise UsageError(f'--sam-reuse must be zero or positive (LookSAM uses about 0.7), got {args.sam_reuse}')
+        raise UsageError(f'--sam-reuse must be zero or positive (try 0.1 to 0.7 and tune it), got {args.sam_reuse}')
     if args.sam_reuse and args.sam_interval == 1:
         raise UsageError('--sam-reuse acts on the one-pass updates between full steps: set --sam-interval K > 1')
     if args.sam_reuse and args.sam_perturb == 'momentum':

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..step import all_finite as finite_on
 from .errors import UsageError, reason
 
 MANIFEST = 'checkpoint.json'
@@ -111,8 +112,10 @@ def _link_tree(source: Path, target: Path):
 
 
 def all_finite(tensors) -> bool:
-    tensors = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-    return not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+    """ Whether every floating-point element of `tensors` (on any devices; other values are left out) is finite:
+    the step's check, one host read per device. """
+    tensors = [t for t in tensors if torch.is_tensor(t)]
+    return all(bool(finite_on(tensors, device)) for device in {t.device for t in tensors})
 
 
 def read_manifest(folder) -> dict:
