@@ -14,8 +14,8 @@ noise, SIGMA) and the loss along one filter-normalized random direction (the sam
 The iteration counts in SETTINGS are small, so that a model takes seconds on one thread: resnet10t at 32x32 on
 128 examples about 20 s (data 2.5 s; a Hessian-vector product about 1 s, so at most 10 s for the eigenvalue, a
 power iteration of at most 10 steps stopped at 1% change, and 4 s for the trace, a 4-vector Hutchinson estimate;
-the rest 3.5 s), test_vit at 16x16 about 6 s. The eigenvalue and trace are estimates, compared across methods
-under the same settings, examples and seeds.
+the rest 3.5 s); the benchmark's test_vit (2 blocks, 32x32) about 5 s on 64 examples. The eigenvalue and trace are
+estimates, compared across methods under the same settings, examples and seeds.
 
 Each run's numbers are appended to sharpness_runs.csv as they come; a rerun skips the runs already there.
 Writes sharpness.md (mean ± std over seeds per architecture and method, with test accuracy and the rank
@@ -153,14 +153,16 @@ def plot_curves(rows, path: Path):
     """ The mean 1-D loss curve per method over seeds, overlaid; one panel per architecture. """
     plt = _pyplot()
     groups = groups_of(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.6), squeeze=False)
     for ax, (arch, methods) in zip(axes[0], groups.items()):
         for method, runs in methods.items():
             curves = [json.loads(r['loss_curve']) for r in runs]
-            ax.plot(SETTINGS['alphas'], [statistics.mean(c) for c in zip(*curves)], label=method)
+            ax.plot(SETTINGS['alphas'], [statistics.mean(c) for c in zip(*curves)], label=method,
+                    color=plt.cm.tab20(_method_key(method)[0] % 20))  # one colour per method, as in the Pareto plot
         ax.set(title=f'{arch}: loss along a filter-normalized direction', xlabel='alpha', ylabel='training loss')
-        ax.legend(fontsize='small')
-    fig.tight_layout()
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=6, fontsize='small')
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -176,7 +178,8 @@ def plot_scatter(rows, path: Path):
     for row_axes, (arch, methods) in zip(axes, groups.items()):
         for ax, key in zip(row_axes, measures):
             for method, runs in methods.items():
-                ax.scatter([float(r[key]) for r in runs], [float(r['test_top1']) for r in runs], label=method, s=14)
+                ax.scatter([float(r[key]) for r in runs], [float(r['test_top1']) for r in runs], label=method, s=14,
+                           color=plt.cm.tab20(_method_key(method)[0] % 20))
             ax.set(title=f'{arch}', xlabel=MEASURES[key], ylabel='test top-1 (%)')
         row_axes[0].legend(fontsize='x-small')
     fig.tight_layout()
