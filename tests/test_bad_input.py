@@ -1,13 +1,19 @@
-""" Bad input, in one table: every case is a train.py command line (and, where needed, a file it names) that
-must stop before training with exit status 2 and one line on stderr saying what is wrong and how to fix it.
+""" Bad input and faults, in tables; to add a case, add a row.
 
-Cases that can only show up during training (unreadable images, divergence) or that need a finished run
-(damaged checkpoints) live beside the code they exercise: tests/test_data.py, tests/test_resume.py.
-To add a case, add a row.
+BAD_INPUT: a train.py command line (and, where needed, a file it names) that must stop before training with
+    exit status 2 and one line on stderr saying what is wrong and how to fix it.
+LIBRARY: a call of the library (GMixup, SAM, gmix_step) with a bad argument, or SAM used where it cannot
+    work: one clear exception at the call.
+
+Bad data (columns, classes, unreadable images) lives in tests/test_data.py, damaged checkpoints and exact
+resume in tests/test_resume.py.
 """
 import pytest
+import torch
+from timm.optim import create_optimizer_v2
 
 from helpers import SMALL_RUN, assert_bad_input
+from timm_gmix import GMixup, gmix_step
 
 FAST = [*SMALL_RUN, '--epochs', '1', '--hflip', '0', '--lr', '0.05', '--warmup-epochs', '0']
 MIX = ['--mixup', '0.8']
@@ -111,3 +117,64 @@ def test_bad_input_is_one_clear_line_before_training(case, capsys, tmp_path):
     if callable(flags):
         flags = flags(tmp_path)
     assert_bad_input(capsys, tmp_path / 'output', [*FAST, *flags], *expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The library's arguments, and SAM where it cannot work
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+
+
+def sam_in_a_plain_loop(scaler=None):
+    """ The hand-written loop of any script (timm's own, a Lightning module): backward, then step. """
+    def run():
+        model = tiny_model()
+        optimizer = create_optimizer_v2(model, opt='gmix_sam', lr=0.1)
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 12)), torch.arange(4))
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+    return run
+
+
+def gmix_step_with(**kwargs):
+    def run():
+        model = tiny_model()
+        gmix_step(model, create_optimizer_v2(model, opt='gmix_sam', lr=0.1), torch.randn(4, 12), torch.arange(4),
+                  **kwargs)
+    return run
+
+
+# name: (a call, the exception it raises, words of its message)
+LIBRARY = {
+    'mixup alpha negative': (lambda: GMixup(mixup_alpha=-1), ValueError, 'mixup_alpha', 'positive'),
+    'cutmix alpha nan': (lambda: GMixup(cutmix_alpha=float('nan')), ValueError, 'cutmix_alpha'),
+    'no classes': (lambda: GMixup(num_classes=0), ValueError, 'num_classes', '1 or more'),
+    'mixing probability above 1': (lambda: GMixup(prob=1.5), ValueError, 'prob', '[0, 1]'),
+    'label smoothing 1': (lambda: GMixup(label_smoothing=1.0), ValueError, 'label_smoothing', '[0, 1)'),
+    'cutmix min above max': (lambda: GMixup(cutmix_minmax=(0.9, 0.1)), ValueError, 'cutmix_minmax'),
+    'unknown mixup mode': (lambda: GMixup(mode='dgg'), ValueError, "'dgg'"),
+    'no micro-batches': (gmix_step_with(accum_steps=0), ValueError, 'accum_steps', 'from 1 to the batch size'),
+    'more micro-batches than examples': (gmix_step_with(accum_steps=5), ValueError, 'accum_steps'),
+    'unknown clip mode': (gmix_step_with(clip_mode='max'), ValueError, 'clip_mode', 'norm'),
+    'clip at zero': (gmix_step_with(clip_grad=0.0), ValueError, 'clip_grad'),
+    'rho zero': (lambda: create_optimizer_v2(tiny_model(), opt='gmix_sam', rho=0.0), ValueError, 'rho'),
+    'SAM step without closure': (sam_in_a_plain_loop(), RuntimeError, 'not SAM', 'gmix_step', 'step(closure)'),
+    'SAM stepped by a GradScaler': (sam_in_a_plain_loop(torch.amp.GradScaler('cpu')), RuntimeError, 'not SAM',
+                                    'gmix_step'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(LIBRARY))
+def test_bad_library_call_is_one_clear_exception(case):
+    call, kind, *expected = LIBRARY[case]
+    with pytest.raises(kind) as raised:
+        call()
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and all(word in message for word in expected), message

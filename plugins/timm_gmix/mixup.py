@@ -7,6 +7,8 @@ timm's modes `batch`, `pair`, `elem` keep their meaning. The G-Mix modes
         weighted lam and 1 - lam
 mix with the lam granularity `lam_mode` (`batch`, `pair` or `elem`, as in timm).
 """
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +78,31 @@ class MixedBatch:
         return inputs, targets, weights
 
 
+def _is_number(value, low, high, low_open=False, high_open=False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+
+
+CHECKED = ('mixup_alpha', 'cutmix_alpha', 'cutmix_minmax', 'prob', 'switch_prob', 'label_smoothing', 'num_classes')
+
+
+def check_mixing(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, label_smoothing, num_classes):
+    """ ValueError for arguments of timm's `Mixup` that would fail later inside timm, or silently. """
+    for name, value in (('mixup_alpha', mixup_alpha), ('cutmix_alpha', cutmix_alpha)):
+        if not _is_number(value, 0, math.inf):
+            raise ValueError(f'{name} must be zero (off) or a positive number, got {value!r}')
+    for name, value in (('prob', prob), ('switch_prob', switch_prob)):
+        if not _is_number(value, 0, 1):
+            raise ValueError(f'{name} is a probability: it must be in [0, 1], got {value!r}')
+    if not _is_number(label_smoothing, 0, 1, high_open=True):
+        raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing!r}')
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
+        raise ValueError(f'num_classes must be a whole number of classes, 1 or more, got {num_classes!r}')
+    if cutmix_minmax is not None and not (len(cutmix_minmax) == 2 and _is_number(cutmix_minmax[0], 0, 1, low_open=True)
+                                          and _is_number(cutmix_minmax[1], cutmix_minmax[0], 1, low_open=True)):
+        raise ValueError(f'cutmix_minmax must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax!r}')
+
+
 class GMixup(Mixup):
     """ timm's `Mixup` with the G-Mix modes.
 
@@ -91,6 +118,9 @@ class GMixup(Mixup):
 
     def __init__(self, *args, mode: str = 'batch', lam_mode: str = 'batch', gmix_ratio: float = 0.5,
                  gmix_flag: str = 'largest', **kwargs):
+        timm_args = inspect.signature(Mixup).bind(*args, **kwargs)
+        timm_args.apply_defaults()
+        check_mixing(**{k: v for k, v in timm_args.arguments.items() if k in CHECKED})
         if mode not in TIMM_MODES + GMIX_MODES:
             raise ValueError(f'unknown mixup mode {mode!r}: choose one of {", ".join(TIMM_MODES + GMIX_MODES)}')
         if lam_mode not in TIMM_MODES:

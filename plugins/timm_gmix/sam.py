@@ -92,10 +92,11 @@ class TensorCopy:
 class SAM(torch.optim.Optimizer):
     """ SAM wrapper sharing its `param_groups` with the base optimizer.
 
-    A step is: gradient at w, `perturb()`, gradient at w + e, `restore()`, `step()`; or, so that w comes
-    back however the pass at w + e ends, `with sam.perturbed(): ...` around that pass.
-    `step()` alone steps the base optimizer (that is what GradScaler and Lookahead call);
+    A step is: gradient at w, `perturb()`, gradient at w + e, `restore()`, then the base optimizer's step
+    inside `base_step()` (GradScaler and Lookahead around SAM call `step()` there); or, so that w comes back
+    however the pass at w + e ends, `with sam.perturbed(): ...` around that pass. `gmix_step` does all of it.
     `step(closure)` runs the whole two-pass sequence with a closure that computes the loss and its gradient.
+    `step()` without a closure anywhere else raises: in a plain loop it would silently be the base's step.
     `state_dict`/`load_state_dict` are the base optimizer's, with SAM's own state under 'sam'.
 
     Args:
@@ -131,6 +132,7 @@ class SAM(torch.optim.Optimizer):
         self._ascent_grad = {}  # parameter -> the gradient at w of the current full step (kept for reuse only)
         self.saved_w = TensorCopy()  # w at the last perturb(): kept after restore() so a step can be undone
         self.is_perturbed = False  # the parameters are at w + e
+        self._base_step_allowed = False
 
     def _link_base(self):
         # One set of groups and one state: LR schedules reach the base, and what a wrapper such as
@@ -268,8 +270,23 @@ class SAM(torch.optim.Optimizer):
         finally:
             self.restore()
 
+    @contextmanager
+    def base_step(self):
+        """ Inside the block `step()` steps the base optimizer with the gradients in place: how an update ends
+        after SAM's passes (`gmix_step`), also through a GradScaler or Lookahead around SAM. """
+        self._base_step_allowed = True
+        try:
+            yield
+        finally:
+            self._base_step_allowed = False
+
     def step(self, closure=None):
         if closure is None:
+            if not self._base_step_allowed:
+                raise RuntimeError(
+                    'SAM.step() without a closure would be a plain base-optimizer step, not SAM: make each update '
+                    'with timm_gmix.gmix_step(model, optimizer, inputs, targets, ...), or call optimizer.step(closure) '
+                    'with a closure that computes the loss and calls backward() (SAM runs it at w and at w + e)')
             return self.base_optimizer.step()
         if (self.interval, self.reuse, self.perturbation) != (1, 0.0, 'gradient'):
             raise ValueError('step(closure) makes the two-pass SAM step: use gmix_step for interval, reuse and '

@@ -26,6 +26,7 @@ Every check before it stays on the device, as GradScaler's found-inf does: the s
 a non-finite ascent the pass at w + e runs at NaN weights) and undone where a check failed. BG/DG add the
 reads that selecting the flagged examples needs.
 """
+import math
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from timm.utils import dispatch_clip_grad
 from .mixup import GMixup, MixedBatch
 from .sam import TensorCopy, find_sam, grouped
 from .sensitivity import flag_examples
+
+CLIP_MODES = ('norm', 'value', 'agc')  # timm's --clip-mode
 
 
 def cross_entropy_per_example(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -187,6 +190,13 @@ def gmix_step(
         sync_ascent: all-reduce the ascent gradient too (the perturbation then uses the global norm)
         accum_steps: split the batch in this many micro-batches; the update equals the whole-batch one
     """
+    if not (isinstance(accum_steps, int) and 1 <= accum_steps <= len(inputs)):
+        raise ValueError(f'accum_steps must be a whole number from 1 to the batch size ({len(inputs)}), '
+                         f'got {accum_steps!r}')
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f'unknown clip_mode {clip_mode!r}: choose one of {", ".join(CLIP_MODES)}')
+    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and math.isfinite(clip_grad) and clip_grad > 0):
+        raise ValueError(f'clip_grad must be a positive number, or None for no clipping, got {clip_grad!r}')
     if accelerator is not None:
         if scaler is not None:
             raise ValueError('pass a GradScaler only without an accelerator: the accelerator brings its own')
@@ -298,7 +308,8 @@ def gmix_step(
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
         else:
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-    stepper.step()
+    with sam.base_step() if sam is not None else nullcontext():
+        stepper.step()
     update_ok = update_is_finite(stepper, ones.device, model.buffers())
     ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
     result = StepResult(loss=(loss_e if loss_w is None else loss_w).mean(),
