@@ -25,14 +25,15 @@ from tqdm import tqdm
 from timm_gmix import SensitivityMeter, gmix_step
 from timm_gmix.training.args import mixed_precision, parse_args, resolve_lr
 from timm_gmix.training.checkpoint import (
-    LAST, RECOVERY, CheckpointKeeper, RunLock, all_finite, copy_run, load_state, new_run_dir, newest_state,
-    resolve_resume, save_state)
+    LAST, RECOVERY, CheckpointKeeper, RunLock, Stopped, all_finite, copy_run, describe, load_state, new_run_dir,
+    on_disk, resolve_resume, save_state, set_aside_recovery, writing)
 from timm_gmix.training.data import load_splits
 from timm_gmix.training.errors import UsageError, main_guard
 from timm_gmix.training.export import check_push_to_hub, export_model, push_to_hub
 from timm_gmix.training.factory import check_input_size, configure_model, create_mixup, create_model, create_optimizer
 from timm_gmix.training.loader import create_loaders, epoch_batches, with_transforms
 from timm_gmix.training.losses import create_loss
+from timm_gmix.training.resume import CommandLineSettings, changed_flags, step_to
 from timm_gmix.training.tracking import log_epoch, log_step, start_tracking, tracker_names, trim_summary, write_summary
 
 DEFAULT_CONFIG = Path(__file__).parent / 'configs' / 'digits.yaml'
@@ -88,17 +89,18 @@ class EpochMeter:
         return {'loss': loss.item(), 'skipped': int(counts[1]), **self.flagging.compute(accelerator)}
 
 
-class Stopped(SystemExit):
-    """ Training cannot go on; the message says what is on disk. """
-
-
-def on_disk(run_dir) -> str:
-    state = newest_state(run_dir)
-    return f'the last checkpoint, {state}, is intact' if state is not None else 'no checkpoint was written yet'
+def diverged(what: str, run_dir, args, accelerator) -> Stopped:
+    """ The stop of a run that diverged: a recovery state of this epoch may be past the divergence, so it is set
+    aside, and the one line names the last validated state and the command that continues it at a lower lr. """
+    if accelerator.is_main_process:
+        set_aside_recovery(run_dir)
+    accelerator.wait_for_everyone()
+    return Stopped(f'error: {what}; {on_disk(run_dir)}; continue it at a lower learning rate (or with --clip-grad): '
+                   f'python train.py -c {run_dir / "args.yaml"} --resume {run_dir} --lr {args.lr / 10:.3g}')
 
 
 def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, scheduler, ema, state, accelerator, args,
-                    run_dir, save_recovery):
+                    run_dir, save):
     model.train()
     meter = EpochMeter(accelerator.device, state.epoch_sums[accelerator.process_index] if state.epoch_sums else None)
     accum = args.grad_accum_steps
@@ -119,8 +121,8 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
         meter.update(result)
         state.bad_steps = state.bad_steps + 1 if result.skipped else 0
         if state.bad_steps >= args.max_bad_steps:
-            raise Stopped(f'error: {state.bad_steps} steps in a row had a non-finite loss, gradient or update; '
-                          f'stopped in epoch {epoch} (lower --lr or set --clip-grad); {on_disk(run_dir)}')
+            raise diverged(f'{state.bad_steps} steps in a row had a non-finite loss, gradient or update in epoch '
+                           f'{epoch + 1}', run_dir, args, accelerator)
         if ema is not None and not result.skipped:
             ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.num_updates)
         state.num_updates += 1
@@ -135,10 +137,11 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
             log_step(accelerator, state.num_updates, values)
             if args.save_images and accelerator.is_main_process:
                 import torchvision
-                torchvision.utils.save_image(inputs, run_dir / f'train-batch-{epoch}-{update}.jpg', normalize=True)
+                with writing(run_dir / f'train-batch-{epoch}-{update}.jpg') as tmp:
+                    torchvision.utils.save_image(inputs, tmp, format='jpeg', normalize=True)
         if args.recovery_interval and (update + 1) % args.recovery_interval == 0 and update + 1 < updates:
             state.updates_in_epoch, state.epoch_sums = update + 1, gather_object([meter.state_dict()])
-            save_recovery((epoch, update + 1))
+            save(RECOVERY, (epoch, update + 1))
     state.updates_in_epoch, state.epoch_sums = 0, []
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
@@ -178,19 +181,22 @@ def make_accelerator(args) -> Accelerator:
 
 
 def open_run(args, accelerator, resume):
-    """ The run folder, shared by every process: the resumed run's own folder when continuing from its newest
-    state; otherwise a new folder (a copy of the older run's summary when restarting from an older state). """
-    run_dir = None
+    """ The run folder, shared by every process, and its lock: the resumed run's own folder when continuing from
+    its newest state (or starting again a run that stopped before its first checkpoint); otherwise a new folder
+    (with the older run's args and summary when continuing from an older state). """
+    run_dir = lock = None
     if accelerator.is_main_process:
-        if resume is not None and resume[2]:
-            run_dir = resume[1]
+        if resume is not None and resume.newest:
+            run_dir = resume.run_dir
         else:
             model_name = Path(args.model.split(':', 1)[-1]).name  # hf-hub:timm/<name>, local-dir:<folder>
             run_dir = new_run_dir(args.output, args.experiment, f'{model_name}-{args.img_size or "default"}')
-            if resume is not None:
-                copy_run(resume[1], run_dir)
+        lock = RunLock(run_dir)
+        if resume is not None and not resume.newest:
+            copy_run(resume.run_dir, run_dir)
+        elif (resume is None or resume.state is None) and (run_dir / 'args.yaml').is_file():
+            print(f'{run_dir} holds no checkpoint yet (its run stopped before the first): starting it again')
     run_dir = Path(broadcast_object_list([run_dir])[0])
-    lock = RunLock(run_dir) if accelerator.is_main_process else None
     return run_dir, lock
 
 
@@ -233,23 +239,37 @@ def main(argv=None):
     loss_fn = create_loss(args, num_classes)
 
     run_dir, lock = open_run(args, accelerator, resume)
-    meta = {'model': args.model, 'num_classes': num_classes, 'opt': args.opt, 'sam_base': args.sam_base}
-    if resume is not None:
-        fresh_optimizer = optimizer.state_dict()
-        load_state(accelerator, resume[0], meta)
+    meta = {'model': args.model, 'num_classes': num_classes, 'opt': args.opt, 'sam_base': args.sam_base,
+            'model_ema': bool(args.model_ema)}
+    if resume is not None and resume.state is not None:
+        # As in timm, the command line decides the schedule and the hyperparameters; the checkpoint, what
+        # training made of the model and the optimizer, and where it stands.
+        command_line = CommandLineSettings(optimizer, scheduler)
+        fresh_optimizer = optimizer.state_dict() if args.no_resume_opt else None
+        load_state(accelerator, resume.state, meta)
         if args.no_resume_opt:
             optimizer.load_state_dict(fresh_optimizer)
-        accelerator.print(f'resumed from {resume[0]}')
-        if not resume[2]:  # restarted from an older state into a new folder: its best checkpoints stay behind
+        changed = changed_flags(resume.run_dir, args)
+        command_line.apply(optimizer, scheduler, lr_changed='--lr' in changed)
+        accelerator.print(f'resumed from {resume.state} ({describe(resume.state)})' + (
+            '; flags that differ from its args.yaml take effect: ' + ', '.join(
+                f'{flag} {now} (was {was})' for flag, (was, now) in changed.items()) if changed else ''))
+        if not resume.newest:  # continued from an older state in a new folder: its best checkpoints stay behind
             state.history.clear()
     if args.start_epoch is not None:
         state.epoch, state.updates_in_epoch = args.start_epoch - 1, 0
-        scheduler.step(args.start_epoch) if not args.sched_on_updates else \
-            scheduler.step_update(args.start_epoch * updates_per_epoch)
+        state.num_updates = args.start_epoch * updates_per_epoch
+    if resume is not None or args.start_epoch is not None:
+        step_to(scheduler, state.epoch + 1, state.num_updates)
+    if state.epoch + 1 >= num_epochs and state.updates_in_epoch == 0:
+        if (run_dir / 'model').is_dir():
+            raise UsageError(f'the run in {run_dir} already trained all {num_epochs} epochs: raise --epochs to '
+                             f'train longer')
+        accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did not finish exporting')
     if accelerator.is_main_process:
         trim_summary(run_dir / 'summary.csv', state.epoch)
-        if resume is None:
-            (run_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+        with writing(run_dir / 'args.yaml') as tmp:  # what the run trains with from here on
+            tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
 
     def evaluated():  # as in timm, a validated EMA is what best selection ranks
         return ema.module if ema is not None and not args.model_ema_force_cpu else accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -265,19 +285,20 @@ def main(argv=None):
 
     def export_best(metrics=None):
         folder = export_model(evaluated(), run_dir / 'model_best', args, data_config, card(metrics))
-        best_file = run_dir / 'model_best.safetensors'  # the same file, for timm.models.load_checkpoint
-        best_file.unlink(missing_ok=True)
-        best_file.hardlink_to(folder / 'model.safetensors')
+        with writing(run_dir / 'model_best.safetensors') as tmp:  # the same file, for timm.models.load_checkpoint
+            tmp.hardlink_to(folder / 'model.safetensors')
 
-    def save_recovery(position):
-        save_state(accelerator, run_dir / RECOVERY, {**meta, 'position': position})
+    def save(name, position, **more):
+        """ A training state in run_dir/name, never one with a non-finite weight or optimizer value. """
+        tensors = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else []),
+                   *(t for s in optimizer.state_dict()['state'].values() for t in s.values())]
+        if not all_finite(tensors):
+            raise diverged(f'the weights or optimizer state are not finite in epoch {position[0] + (name != LAST)}: '
+                           f'not saved', run_dir, args, accelerator)
+        save_state(accelerator, run_dir / name, {**meta, 'position': position, **more})
 
-    if state.epoch + 1 >= num_epochs and state.updates_in_epoch == 0:
-        if (run_dir / 'model').is_dir():
-            raise UsageError(f'the run in {run_dir} already trained all {num_epochs} epochs: raise --epochs to '
-                             f'train longer')
-        accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did not finish exporting')
-    if resume is not None and resume[2] and accelerator.is_main_process:  # repair a kill between save and links
+    if resume is not None and resume.state is not None and resume.newest and accelerator.is_main_process:
+        # repair a kill between the save and the links
         keeper.materialize(state.epoch, export_best if state.updates_in_epoch == 0 else None)
     start_tracking(accelerator, args, run_dir, run_dir.name)
     accelerator.print(f'{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) | '
@@ -291,7 +312,7 @@ def main(argv=None):
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, model, optimizer, train_loader, mixup_fn, loss_fn, scheduler, ema,
-                                        state, accelerator, args, run_dir, save_recovery)
+                                        state, accelerator, args, run_dir, save)
         images_per_sec = len(train_loader) * args.batch_size * accelerator.num_processes / (time.time() - start)
         if accelerator.num_processes > 1 and args.dist_bn:
             distribute_bn(model, accelerator.num_processes, args.dist_bn == 'reduce')
@@ -312,12 +333,11 @@ def main(argv=None):
             write_summary(run_dir / 'summary.csv', epoch, train_metrics, eval_metrics, lr)
         log_epoch(accelerator, epoch, {**{f'train_{k}': v for k, v in train_metrics.items()},
                                        **{f'eval_{k}': v for k, v in eval_metrics.items()}, 'lr': lr})
-        weights = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else [])]
-        if not all_finite([*weights, *(t for s in optimizer.state_dict()['state'].values() for t in s.values())]):
-            raise Stopped(f'error: the weights or optimizer state are not finite after epoch {epoch}: not saved '
-                          f'(lower --lr or set --clip-grad); {on_disk(run_dir)}')
+        if not math.isfinite(eval_metrics['loss']):  # finite weights can still make non-finite outputs
+            raise diverged(f'the model diverged in epoch {epoch + 1} (validation loss {eval_metrics["loss"]}): '
+                           f'not saved', run_dir, args, accelerator)
         keeper.rank(epoch, metric)
-        save_state(accelerator, run_dir / LAST, {**meta, 'position': (epoch + 1, 0)})
+        save(LAST, (epoch + 1, 0))
         if accelerator.is_main_process:
             keeper.materialize(epoch, lambda: export_best(eval_metrics))
         accelerator.wait_for_everyone()

@@ -4,16 +4,31 @@ BAD_INPUT: a train.py command line (and, where needed, a file it names) that mus
     exit status 2 and one line on stderr saying what is wrong and how to fix it.
 LIBRARY: a call of the library (GMixup, SAM, gmix_step) with a bad argument, or SAM used where it cannot
     work: one clear exception at the call.
+CONTINUING: a run continued, extended, recovered or cut short as a user does it, command after command on one
+    run folder: training longer, a new lr, a divergence, a run stopped before its first checkpoint,
+    --channels-last exports, a disk that cannot be written.
 
 Bad data (columns, classes, unreadable images) lives in tests/test_data.py, damaged checkpoints and exact
 resume in tests/test_resume.py.
 """
+import errno
+import json
+import math
+import resource
+import shlex
+import signal
+from pathlib import Path
+
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from helpers import SMALL_RUN, assert_bad_input
+from helpers import SMALL_RUN, assert_bad_input, read_summary, run_train_py, train_main, train_module
 from timm_gmix import GMixup, gmix_step
+from timm_gmix.training import export
+from timm_gmix.training.errors import main_guard
 
 FAST = [*SMALL_RUN, '--epochs', '1', '--hflip', '0', '--lr', '0.05', '--warmup-epochs', '0']
 MIX = ['--mixup', '0.8']
@@ -63,6 +78,7 @@ BAD_INPUT = {
     'epochs zero': (['--epochs', '0'], '--epochs'),
     'batch size zero': (['-b', '0'], '--batch-size'),
     'grad accum zero': (['--grad-accum-steps', '0'], '--grad-accum-steps'),
+    'checkpoint hist zero': (['--checkpoint-hist', '0'], '--checkpoint-hist', 'at least 1, as in timm'),
     'smoothing 1': (['--smoothing', '1'], '--smoothing'),
     'mixup prob above 1': ([*MIX, '--mixup-prob', '2'], '--mixup-prob'),
     'cutmix min above max': (['--cutmix-minmax', '0.9', '0.1'], '--cutmix-minmax', '0.9 0.1'),
@@ -178,3 +194,225 @@ def test_bad_library_call_is_one_clear_exception(case):
         call()
     message = str(raised.value)
     assert len(message.splitlines()) == 1 and all(word in message for word in expected), message
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuing, extending and recovering a run
+
+
+class Interrupted(Exception):
+    """ Stands in for a launch killed at that point. """
+
+
+def run(capsys, argv, monkeypatch=None, cut=None):
+    """ train.py in this process as a user runs it: (exit status, stdout, stderr with the stop message, the lr of
+    each update). `cut`: the update (from 1) at which the process is killed. """
+    train = train_module()
+    step, lrs = train.gmix_step, []
+
+    def recording(model, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        if cut is not None and len(lrs) == cut:
+            raise Interrupted(f'killed at update {cut}')
+        return step(model, optimizer, *args, **kwargs)
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, 'gmix_step', recording)
+        try:
+            main_guard(lambda: train_main(argv))
+            status, stop = 0, ''
+        except SystemExit as e:
+            status, stop = (e.code, '') if isinstance(e.code, int) else (1, e.code)
+        except Interrupted:
+            status, stop = 'killed', ''
+    out, err = capsys.readouterr()
+    return status, out, err + stop, lrs
+
+
+def cosine(lr, epoch, epochs):
+    """ timm's cosine schedule (no warmup, min lr 0) at `epoch`, written out. """
+    return lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def position(state):
+    return json.loads((Path(state) / 'checkpoint.json').read_text())['position']
+
+
+def no_temporaries(run_dir):
+    return not [p for p in Path(run_dir).rglob('*') if p.name.endswith(('.tmp', '.old'))]
+
+
+def parse_command(message):
+    """ The train.py flags of the command a stop message recommends (`python train.py ...`). """
+    return shlex.split(message.split('python train.py ', 1)[1])
+
+
+SGD = [*SMALL_RUN, '--opt', 'sgd', '--lr', '0.05', '--warmup-epochs', '0', '--sched', 'cosine']
+
+
+def test_training_longer_follows_the_new_epochs(tmp_path, capsys):
+    """ --epochs 2, then --resume RUN --epochs 3: epoch 3 trains on the 3-epoch schedule, not at lr 0. """
+    run_dir = tmp_path / 'run'
+    assert run(capsys, [*SGD, '--epochs', '2', '--output', tmp_path, '--experiment', 'run'])[0] == 0
+    after_two = load_file(run_dir / 'last' / 'model.safetensors')
+    status, out, err, lrs = run(capsys, [*SGD, '--epochs', '3', '--resume', run_dir])
+    assert status == 0, err
+    assert 'flags that differ from its args.yaml take effect: --epochs 3 (was 2)' in out
+    assert lrs == [pytest.approx(cosine(0.05, 2, 3), abs=1e-15)] * 6
+    assert [int(row['epoch']) for row in read_summary(run_dir)] == [0, 1, 2]
+    assert position(run_dir / 'last') == [3, 0]
+    assert any(not torch.equal(w, after_two[k]) for k, w in load_file(run_dir / 'last' / 'model.safetensors').items())
+
+
+def test_a_new_lr_on_resume_takes_effect(tmp_path, capsys):
+    """ --resume RUN/checkpoint-0 --lr 0.01: the rest of the run follows the cosine schedule of lr 0.01. """
+    run_dir = tmp_path / 'run'
+    assert run(capsys, [*SGD, '--epochs', '3', '--checkpoint-hist', '3', '--output', tmp_path,
+                        '--experiment', 'run'])[0] == 0
+    status, out, err, lrs = run(capsys, [*SGD, '--epochs', '3', '--lr', '0.01', '--resume', run_dir / 'checkpoint-0',
+                                         '--output', tmp_path])
+    assert status == 0, err
+    assert '--lr 0.01 (was 0.05)' in out
+    assert lrs == [pytest.approx(cosine(0.01, e, 3), abs=1e-15) for e in (1, 2) for _ in range(6)]
+
+
+def test_a_divergence_names_the_last_validated_state_and_the_command_that_continues_it(tmp_path, capsys):
+    """ --lr 100 after a warmup epoch: epoch 2 diverges (validation loss NaN) and is not saved; the message names
+    last/ of epoch 1 and a command at a tenth of the lr, and that command trains the run to its end. """
+    run_dir = tmp_path / 'run'
+    status, _, err, _ = run(capsys, [*SGD, '--epochs', '3', '--warmup-epochs', '1', '--lr', '100',
+                                     '--recovery-interval', '2', '--output', tmp_path, '--experiment', 'run'])
+    assert status == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('error: the model diverged in epoch 2 (validation loss nan)'), line
+    assert f'{run_dir / "last"} (after epoch 1) is intact' in line
+    assert position(run_dir / 'last') == [1, 0]
+    assert not (run_dir / 'recovery').exists() and position(run_dir / 'recovery-diverged') == [1, 4]
+    assert [p.name for p in run_dir.glob('checkpoint-*')] == ['checkpoint-0']
+    flags = parse_command(line)
+    assert flags == ['-c', str(run_dir / 'args.yaml'), '--resume', str(run_dir), '--lr', '10']
+
+    status, out, err, lrs = run(capsys, flags)
+    assert status == 0, err
+    assert 'resumed from' in out and '--lr 10.0 (was 100.0)' in out
+    rows = read_summary(run_dir)
+    assert [int(row['epoch']) for row in rows] == [0, 1, 2] and all(math.isfinite(float(r['eval_loss'])) for r in rows)
+
+
+def test_the_issue_divergence_is_not_called_intact(tmp_path, capsys):
+    """ --lr 1e6 --epochs 3 --warmup-epochs 1: the blown-up epoch 2 is never saved as last/ or checkpoint-1. """
+    run_dir = tmp_path / 'run'
+    status, _, err, _ = run(capsys, [*SMALL_RUN, '--opt', 'sgd', '--lr', '1e6', '--epochs', '3', '--warmup-epochs',
+                                     '1', '--output', tmp_path, '--experiment', 'run'])
+    assert status == 1 and f'{run_dir / "last"} (after epoch 1) is intact' in err and '--lr 1e+05' in err
+    assert position(run_dir / 'last') == [1, 0] and not (run_dir / 'checkpoint-1').exists()
+
+
+def test_non_finite_optimizer_state_is_never_saved(tmp_path, capsys, monkeypatch):
+    """ Finite weights and validation loss, but the momentum overflowed in epoch 2: a divergence, not a
+    checkpoint. """
+    train = train_module()
+    create, validate, optimizers, validated = train.create_optimizer, train.validate, [], []
+    monkeypatch.setattr(train, 'create_optimizer', lambda *a: optimizers.append(create(*a)) or optimizers[-1])
+
+    def validate_then_overflow(*args):
+        validated.append(validate(*args))
+        if len(validated) == 2:
+            for state in optimizers[0].state.values():
+                state['momentum_buffer'].fill_(float('inf'))
+        return validated[-1]
+
+    monkeypatch.setattr(train, 'validate', validate_then_overflow)
+    run_dir = tmp_path / 'run'
+    status, _, err, _ = run(capsys, [*SGD, '--epochs', '3', '--output', tmp_path, '--experiment', 'run'])
+    assert status == 1 and 'weights or optimizer state are not finite in epoch 2' in err, err
+    assert f'{run_dir / "last"} (after epoch 1) is intact' in err
+    assert position(run_dir / 'last') == [1, 0] and no_temporaries(run_dir)
+
+
+@pytest.mark.parametrize('again', [[], ['--resume', 'RUN']], ids=['the same command', 'with --resume'])
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(again, tmp_path, capsys):
+    """ A launch killed in its first epoch leaves a folder with args.yaml only; the same command, or --resume,
+    starts the run again there. """
+    run_dir = tmp_path / 'run'
+    argv = [*SGD, '--epochs', '1', '--output', tmp_path, '--experiment', 'run']
+    assert run(capsys, argv, cut=3)[0] == 'killed'
+    assert sorted(p.name for p in run_dir.iterdir()) == ['.lock', 'args.yaml']
+    status, out, err, lrs = run(capsys, [*argv, *[str(run_dir) if a == 'RUN' else a for a in again]])
+    assert status == 0, err
+    assert f'{run_dir} holds no checkpoint yet (its run stopped before the first): starting it again' in out
+    assert len(lrs) == 6 and [int(row['epoch']) for row in read_summary(run_dir)] == [0]
+
+
+@pytest.mark.parametrize('compile_flags', [[], ['--torchcompile', 'aot_eager']], ids=['eager', 'compiled'])
+def test_channels_last_exports_and_resumes(compile_flags, tmp_path, capsys):
+    """ --channels-last: model/ and model_best/ are written (contiguous) and load in timm with the trained
+    weights; the run resumes and exports again. """
+    run_dir = tmp_path / 'run'
+    argv = [*SGD, '--channels-last', *compile_flags, '--output', tmp_path, '--experiment', 'run']
+    status, _, err, _ = run(capsys, [*argv, '--epochs', '1'])
+    assert status == 0, err
+    trained = load_file(run_dir / 'last' / 'model.safetensors')
+    for folder in ('model', 'model_best'):
+        exported = timm.create_model(f'local-dir:{run_dir / folder}', pretrained=True)
+        assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items())
+    status, _, err, _ = run(capsys, [*argv[:-4], '--epochs', '2', '--resume', run_dir])
+    assert status == 0, err
+    assert load_file(run_dir / 'model' / 'model.safetensors').keys() == trained.keys() and no_temporaries(run_dir)
+
+
+def test_a_full_disk_at_the_export_names_what_is_intact(tmp_path, capsys, monkeypatch):
+    """ The export of model_best after epoch 1 hits a full disk: one line naming model_best and last/ (epoch 1)
+    as intact, no temporary left; --resume writes the export and goes on. """
+    run_dir = tmp_path / 'run'
+    save_for_hf = export.save_for_hf
+
+    def disk_full(model, folder, **kwargs):
+        save_for_hf(model, folder, **kwargs)  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    argv = [*SGD, '--epochs', '2', '--output', tmp_path, '--experiment', 'run']
+    with monkeypatch.context() as patch:
+        patch.setattr(export, 'save_for_hf', disk_full)
+        status, _, err, _ = run(capsys, argv)
+    assert status == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f'error: could not write {run_dir / "model_best"} (No space left on device, '), line
+    assert line.endswith(f'MiB free there); {run_dir / "last"} (after epoch 1) is intact'), line
+    assert no_temporaries(run_dir) and not (run_dir / 'model_best').exists()
+    status, _, err, _ = run(capsys, [*argv[:-4], '--resume', run_dir])
+    assert status == 0, err
+    assert (run_dir / 'model_best' / 'model.safetensors').is_file() and (run_dir / 'model').is_dir()
+
+
+def limit_file_size():
+    """ In the child process: files may not grow past 1 MiB, and writing past it fails (EFBIG) instead of
+    killing the process. """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+
+def test_a_file_size_limit_stops_the_first_save_in_one_line_and_the_run_starts_again(tmp_path):
+    """ A real failed write (the operating system refuses files above 1 MiB): the first training state cannot be
+    written; one line says so and that nothing was saved yet; nothing half-written is left; the same command
+    without the limit starts the run again. """
+    run_dir = tmp_path / 'run'
+    argv = [*SGD, '--epochs', '1', '--experiment', 'run']
+    proc = run_train_py(tmp_path, *argv, preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f'error: could not write {run_dir / "last"} (') and 'File too large' in line, line
+    assert line.endswith('no checkpoint was written yet'), line
+    assert no_temporaries(run_dir)
+    proc = run_train_py(tmp_path, *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert 'starting it again' in proc.stdout and (run_dir / 'last').is_dir()
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    status, _, err, _ = run(capsys, [*SGD, '--epochs', '1', '--output', blocker / 'runs'])
+    assert status == 2 and err.strip() == (f'error: cannot make a run folder in {blocker / "runs"} (Not a directory):'
+                                           f' choose another --output'), err

@@ -319,6 +319,23 @@ def one_class_folder(root):
     return folder
 
 
+def folder_without(root, split, name):
+    """ The image folder with class `name`'s folder of `split` emptied (the folder stays). """
+    folder = make_image_folder(root)
+    for image in (folder / split / name).iterdir():
+        image.unlink()
+    return folder
+
+
+def saved_without_training_rows(root, label):
+    """ A save_to_disk dataset whose class `label` is in the validation split only. """
+    import datasets
+    saved = datasets.load_from_disk(make_saved_dataset(root / 'source'))
+    saved['train'] = saved['train'].filter(lambda y: y != label, input_columns='label')
+    saved.save_to_disk(root / 'saved')
+    return root / 'saved'
+
+
 BAD_DATA = {  # case: (flags, words of the one line); upper-case flags are made by the bad_data fixture
     'no data': (['-c', 'MODEL_ONLY_YAML'],
                 'no data given: pass train.py DIR or --data-dir DIR (an image folder), or --dataset (hfds/<name>, '
@@ -349,6 +366,10 @@ BAD_DATA = {  # case: (flags, words of the one line); upper-case flags are made 
                                'to the label column'),
     'one class': (['ONE_CLASS_FOLDER'], 'the data has only one class (cat): a classifier needs at least two; '
                                         'check --data-dir / the label column'),
+    'empty training folder of a class': (['NO_TRAINING_EMUS'], "class 'emu' has 8 validation images but no training "
+                                         'images: add training images of it, or remove it from the validation split'),
+    'class in the validation split only': (['--dataset', 'EMUS_IN_VALIDATION_ONLY'], "class 'emu' has 8 validation "
+                                           'images but no training images'),
     'class missing from the class map': (['--dataset', 'SAVED', '--class-map', 'CATS_AND_DOGS'],
                                          "class 'emu' of the data is not in --class-map", 'add it'),
     'class map for numbers': (['--dataset', 'INT_LABELS', '--class-map', 'CATS_AND_DOGS'],
@@ -373,6 +394,8 @@ def bad_data(tmp_path_factory, data):
         'PICTURE_COLUMN': make_saved_dataset(root / 'picture', image_column='picture'),
         'INT_LABELS': make_saved_dataset(root / 'int_labels', labels='int'),
         'ONE_CLASS_FOLDER': one_class_folder(root / 'one_class'),
+        'NO_TRAINING_EMUS': folder_without(root / 'no_training_emus', 'train', 'emu'),
+        'EMUS_IN_VALIDATION_ONLY': saved_without_training_rows(root / 'emus_in_validation_only', CLASSES.index('emu')),
         'CATS_AND_DOGS': root / 'cats_and_dogs.txt',
     }
 
@@ -402,3 +425,11 @@ def test_hub_dataset_offline_says_how_to_get_it(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and "'uoft-cs/cifar10'" in last and 'save_to_disk' in last, proc.stderr
     assert not any(tmp_path.rglob('summary.csv'))
+
+
+def test_a_class_without_validation_images_is_a_warning(tmp_path, capsys, no_progress_bars):
+    """ Training can go on (as in timm), and one line names the class. """
+    folder = folder_without(tmp_path / 'data', 'validation', 'emu')
+    train_main([*TINY, *DG_MIX, folder, '--output', tmp_path / 'runs'])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: ')]
+    assert warnings == ["warning: 1 class(es) have no validation images: 'emu'"]

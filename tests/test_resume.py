@@ -280,17 +280,6 @@ def test_interrupted_save_keeps_the_previous_state(prepared, tmp_path, monkeypat
     assert torch.equal(model.weight, saved_weights) and counter.value == 1
 
 
-def test_non_finite_weights_are_never_saved(prepared, tmp_path):
-    accelerator, model, _ = prepared
-    save_state(accelerator, tmp_path / LAST, {**META, 'position': (1, 0)})
-    before = file_digests(tmp_path / LAST)
-    with torch.no_grad():
-        model.weight[0, 0] = float('inf')
-    with pytest.raises(SystemExit, match='not all finite'):
-        save_state(accelerator, tmp_path / LAST, {**META, 'position': (2, 0)})
-    assert file_digests(tmp_path / LAST) == before
-
-
 def truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
@@ -363,8 +352,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     epoch1, epoch2 = STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH
     with monkeypatch.context() as patch:
         poison_steps(patch, {epoch1 + 2, epoch1 + 4, epoch2 + 1, epoch2 + 2})
-        with pytest.raises(SystemExit, match=f'2 steps in a row had a non-finite .* the last checkpoint, '
-                                             f'{run_dir / LAST}, is intact'):
+        with pytest.raises(SystemExit, match=f'2 steps in a row had a non-finite .* in epoch 3; '
+                                             f'{run_dir / LAST} \\(after epoch 2\\) is intact'):
             train_main(argv)
     rows = read_summary(run_dir)
     assert [(row['epoch'], row['train_skipped']) for row in rows] == [('0', '0'), ('1', '2')]
@@ -387,6 +376,6 @@ def test_divergence_never_replaces_a_good_checkpoint(tmp_path):
                     '--output', tmp_path, '--experiment', 'run'])
     message = str(stop.value)
     state = newest_state(run_dir)
-    assert (f'the last checkpoint, {state}, is intact' if state else 'no checkpoint was written yet') in message
+    assert (f'{state} (after epoch 1) is intact' if state else 'no checkpoint was written yet') in message
     for weights in run_dir.rglob('*.safetensors'):
         assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights

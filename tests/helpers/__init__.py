@@ -32,11 +32,12 @@ def subprocess_env() -> dict:
     return {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
-def run_train_py(output, *argv, timeout=600, **env) -> subprocess.CompletedProcess:
-    """ train.py in its own process, as a user runs it; `env` adds environment variables. """
+def run_train_py(output, *argv, timeout=600, preexec_fn=None, **env) -> subprocess.CompletedProcess:
+    """ train.py in its own process, as a user runs it; `env` adds environment variables, `preexec_fn` runs in
+    the child before train.py (resource limits). """
     cmd = [sys.executable, str(ROOT / 'train.py'), *map(str, argv), '--output', str(output)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**subprocess_env(), **env})
+                          env={**subprocess_env(), **env}, preexec_fn=preexec_fn)
 
 
 def descendants(pid: int) -> list:

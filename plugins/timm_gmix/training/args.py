@@ -455,7 +455,10 @@ def check_args(args, parser=None):
                  'max_bad_steps', 'recount', 'lr_cycle_limit'):
         if getattr(args, name) < 1:
             raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    for name in ('workers', 'recovery_interval', 'checkpoint_hist', 'cooldown_epochs', 'warmup_epochs',
+    if args.checkpoint_hist < 1:
+        raise UsageError(f'--checkpoint-hist must be at least 1, as in timm (the best epoch is always kept, as '
+                         f'checkpoint-<epoch>/ and model_best/), got {args.checkpoint_hist}')
+    for name in ('workers', 'recovery_interval', 'cooldown_epochs', 'warmup_epochs',
                  'mixup_off_epoch', 'tta', 'aug_splits', 'start_epoch', 'patience_epochs'):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise UsageError(f'--{name.replace("_", "-")} must be zero or positive, got {getattr(args, name)}')

@@ -1,19 +1,22 @@
 """ Run folders and checkpoints, kept as timm keeps them, written so that no run ever loses another's work.
 
-One run, one folder `OUTPUT/EXPERIMENT/` (a new run never reuses a folder; a second process is locked out):
+One run, one folder `OUTPUT/EXPERIMENT/` (a new run never reuses a folder that holds a run's work; a second
+process is locked out):
 
     args.yaml, summary.csv
     last/                   training state after the latest validated epoch
     checkpoint-<epoch>/     the --checkpoint-hist best epochs by --eval-metric (full training states)
     recovery/               mid-epoch training state, every --recovery-interval updates
+    recovery-diverged/      a recovery state set aside when the run diverged after it (never resumed by default)
     model_best.safetensors  weights of the best epoch, for timm.models.load_checkpoint (validate.py --checkpoint)
     model_best/             the best model, for timm.create_model('local-dir:...', pretrained=True)
     model/                  the final model
 
 A training state is Accelerate's `save_state` (weights as safetensors, optimizer, scheduler, scaler, RNG
 states and the registered objects) plus `checkpoint.json`: where in training it was taken, what it was
-trained with, and every file with its size. It is written under a temporary name, verified (every file
-there, every weight finite) and only then renamed over the previous one.
+trained with, and every file with its size. It is written under a temporary name and only then renamed over
+the previous one. A failure to write (a full disk, no permission) removes the temporary and stops the run
+with one line that names what could not be written and what on disk is intact.
 """
 import datetime
 import fcntl
@@ -21,55 +24,81 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..step import all_finite as finite_on
 from .errors import UsageError, reason
 
 MANIFEST = 'checkpoint.json'
-LAST, RECOVERY = 'last', 'recovery'
+LAST, RECOVERY, DIVERGED = 'last', 'recovery', 'recovery-diverged'
 _BEST = re.compile(r'^checkpoint-(\d+)$')
 # What a resumed run must share with the checkpoint to continue it, with the flag that sets each.
 RESUME_KEYS = {'model': '--model', 'num_classes': '--num-classes', 'opt': '--opt', 'sam_base': '--sam-base',
-               'num_processes': 'accelerate launch --num_processes'}
+               'model_ema': '--model-ema', 'num_processes': 'accelerate launch --num_processes'}
+# What a failed write raises: OSError from Python, SafetensorError from safetensors, RuntimeError from torch.save.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+class Stopped(SystemExit):
+    """ Training cannot go on: one line saying why and what on disk is intact (exit status 1). """
 
 
 # ----------------------------------------------------------------------------------------------
 # Run folders
 
 
+def holds_work(run_dir) -> bool:
+    """ Whether `run_dir` holds a run's work: a training state or a model. A folder with only args.yaml (and
+    perhaps summary rows, or a diverged recovery state) is a run that stopped before its first checkpoint,
+    which may start again there. """
+    run_dir = Path(run_dir)
+    return any(p.is_dir() and (p.name in (LAST, RECOVERY, 'model', 'model_best') or _BEST.match(p.name))
+               for p in run_dir.iterdir()) if run_dir.is_dir() else False
+
+
 def new_run_dir(output: str, experiment: str, default_name: str) -> Path:
-    """ A fresh folder for a new run: OUTPUT/EXPERIMENT, or OUTPUT/<date-time>-<default_name> (timm's naming,
-    with -1, -2, ... when two runs start in the same second). An EXPERIMENT that holds a run is refused. """
+    """ A folder for a new run: OUTPUT/EXPERIMENT, or OUTPUT/<date-time>-<default_name> (timm's naming, with -1,
+    -2, ... when two runs start in the same second). An EXPERIMENT that holds a run's work is refused; one that
+    holds none (a run stopped before its first checkpoint) is started again. """
     output = Path(output or 'output/train')
-    output.mkdir(parents=True, exist_ok=True)
-    if experiment:
-        run_dir = output / experiment
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
-                             f'another --experiment (nothing in it was changed)')
-        run_dir.mkdir(exist_ok=True)
-        return run_dir
-    name = f'{datetime.datetime.now().strftime("%Y%m%d-%H%M%S")}-{default_name}'
-    for suffix in ['', *(f'-{i}' for i in range(1, 1000))]:
-        try:
-            (output / f'{name}{suffix}').mkdir()
-            return output / f'{name}{suffix}'
-        except FileExistsError:
-            continue
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if experiment:
+            run_dir = output / experiment
+            if holds_work(run_dir):
+                raise UsageError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, or choose '
+                                 f'another --experiment (nothing in it was changed)')
+            run_dir.mkdir(exist_ok=True)
+            return run_dir
+        name = f'{datetime.datetime.now().strftime("%Y%m%d-%H%M%S")}-{default_name}'
+        for suffix in ['', *(f'-{i}' for i in range(1, 1000))]:
+            try:
+                (output / f'{name}{suffix}').mkdir()
+                return output / f'{name}{suffix}'
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UsageError(f'cannot make a run folder in {output} ({write_error(e)}): choose another --output') from e
     raise UsageError(f'could not make a new run folder in {output}: pass --experiment NAME')
 
 
 class RunLock:
     """ An exclusive lock on a run folder for as long as this process trains in it. The kernel drops it when
-    the process ends, however it ends, so a crashed run never leaves a stale lock. """
+    the process ends, however it ends, so a crashed run never leaves a stale lock. Taking it writes to the
+    folder, so a folder the run could not write to is found here, before training. """
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / '.lock'
-        self.file = open(self.path, 'a+')
+        try:
+            self.file = open(self.path, 'a+')
+        except OSError as e:
+            raise UsageError(f'cannot write to {run_dir} ({write_error(e)}): choose another --output') from e
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -78,17 +107,61 @@ class RunLock:
             self.file.close()
             raise UsageError(f'{run_dir} is in use by {owner}: wait for that run to end, or start a new run '
                              f'(without --experiment, or with another name)') from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f'process {os.getpid()}')
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f'process {os.getpid()}')
+            self.file.flush()
+        except OSError as e:
+            raise UsageError(f'cannot write to {run_dir} ({write_error(e)}): choose another --output') from e
 
     def release(self):
         self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------
-# Training states
+# Writing without losing what is there
+
+
+def write_error(error: Exception) -> str:
+    """ What the operating system said about a failed write, from whichever library made it. """
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    found = re.search(r'(?:I/O error|message): "?([^"(]+?)"? \(?os error \d+\)?', str(error))
+    return found.group(1) if found else reason(error)
+
+
+def remove(path: Path):
+    """ Remove a file or folder if it is there. """
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_failed(path: Path, error: Exception) -> Stopped:
+    """ The one line for a failed write of `path`, a file or folder of a run folder. """
+    try:
+        free = f', {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there'
+    except OSError:
+        free = ''
+    return Stopped(f'error: could not write {path} ({write_error(error)}{free}); {on_disk(path.parent)}')
+
+
+@contextmanager
+def writing(path):
+    """ Yields `path`.tmp to write `path` under, and renames it into place when the block ends (a folder
+    replaces an older `path` only once complete). If a write fails, the temporary is removed and the run stops
+    with one line naming `path` and what on disk is intact. """
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    remove(tmp)
+    try:
+        yield tmp
+        replace_dir(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        remove(tmp)
+        raise write_failed(path, e) from e
 
 
 def replace_dir(tmp: Path, final: Path):
@@ -104,11 +177,13 @@ def replace_dir(tmp: Path, final: Path):
 
 
 def _link_tree(source: Path, target: Path):
-    """ A copy of a checkpoint folder made of hard links (no second copy on disk), written then renamed. """
-    tmp = target.with_name(target.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, copy_function=os.link)
-    replace_dir(tmp, target)
+    """ A copy of a checkpoint folder made of hard links (no second copy on disk). """
+    with writing(target) as tmp:
+        shutil.copytree(source, tmp, copy_function=os.link)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training states
 
 
 def all_finite(tensors) -> bool:
@@ -146,32 +221,32 @@ def _verify(folder: Path, manifest: dict) -> str:
 
 
 def save_state(accelerator, folder, meta: dict) -> Path:
-    """ Accelerate's full training state in `folder`, with its manifest, verified before it replaces what was
-    there. Every process calls it. """
+    """ Accelerate's full training state in `folder`, with its manifest, replacing what was there only once
+    complete. Every process calls it; the caller has checked that what it saves is finite (`all_finite`). """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + '.tmp')
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {**meta, 'num_processes': accelerator.num_processes, 'files': files}
-        problem = _verify(tmp, manifest)
-        if problem:
-            raise SystemExit(f'error: the checkpoint written to {tmp} failed verification ({problem}); '
-                             f'{folder} was left as it was')
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        replace_dir(tmp, folder)
+    try:
+        if accelerator.is_main_process:
+            remove(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {**meta, 'num_processes': accelerator.num_processes, 'files': files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            replace_dir(tmp, folder)
+    except WRITE_ERRORS as e:
+        remove(tmp)
+        raise write_failed(folder, e) from e
     accelerator.wait_for_everyone()
     return folder
 
 
-def newest_state(run_dir) -> Path:
+def newest_state(run_dir) -> Optional[Path]:
     """ The state a run continues from: the later of last/ and recovery/ (None if it has neither). A folder
     without its manifest is refused: a newer state may be the one that is damaged. A process killed between
-    the two renames of `replace_dir` left the new state complete and verified under .tmp: it is put in place. """
+    the two renames of `replace_dir` left the new state complete under .tmp: it is put in place. """
     for name in (LAST, RECOVERY):
         final = Path(run_dir) / name
         tmp, old = final.with_name(name + '.tmp'), final.with_name(name + '.old')
@@ -182,24 +257,53 @@ def newest_state(run_dir) -> Path:
     return max(found, key=lambda p: tuple(read_manifest(p)['position'])) if found else None
 
 
-def resolve_resume(path):
-    """ (state folder, its run folder, whether it is the run's newest state) for --resume PATH: a run folder
-    (its newest state) or one of its state folders. """
+def describe(state: Path) -> str:
+    """ Where in training a state was taken, counting epochs from 1 as train.py prints them. """
+    epoch, update = read_manifest(state)['position']
+    return f'after epoch {epoch}' if update == 0 else f'epoch {epoch + 1}, update {update}'
+
+
+def on_disk(run_dir) -> str:
+    """ What `--resume RUN` continues from, for a one-line message. """
+    state = newest_state(run_dir)
+    return f'{state} ({describe(state)}) is intact' if state is not None else 'no checkpoint was written yet'
+
+
+def set_aside_recovery(run_dir):
+    """ After a divergence: a recovery state newer than last/ may already be past it (it has no validation), so
+    it becomes recovery-diverged/, which `--resume RUN` does not take. Main process only. """
+    if (Path(run_dir) / RECOVERY).is_dir():
+        replace_dir(Path(run_dir) / RECOVERY, Path(run_dir) / DIVERGED)
+
+
+@dataclass
+class Resume:
+    """ What `--resume PATH` continues: `state` in `run_dir`, in its own folder if it is the run's newest state
+    (`newest`), else in a new one. `state` is None for a run that stopped before its first checkpoint: it
+    starts again in its folder. """
+    state: Optional[Path]
+    run_dir: Path
+    newest: bool = True
+
+
+def resolve_resume(path) -> Resume:
+    """ --resume PATH: a run folder (its newest state) or one of its state folders. """
     path = Path(path)
     if path.is_dir() and (path / 'args.yaml').is_file():
         state = newest_state(path)
-        if state is None:
-            raise UsageError(f'the run in {path} has no checkpoint yet: start it again without --resume')
-        return state, path, True
+        if state is None and holds_work(path):
+            raise UsageError(f'the run in {path} has no last/ or recovery/ state to continue from: resume from one '
+                             f'of its checkpoint-<epoch>/ folders, or start a new run')
+        return Resume(state, path)
     if not path.is_dir() or not (path / 'model.safetensors').is_file():
         raise UsageError(f'no checkpoint at {path}: pass a run folder, or one of its last/, recovery/ or '
                          f'checkpoint-<epoch>/ folders')
-    return path, path.parent, newest_state(path.parent) == path
+    return Resume(path, path.parent, newest_state(path.parent) == path)
 
 
 def load_state(accelerator, folder, expected: dict):
     """ Restore what `save_state` saved, after checking the manifest: every file there with its size, and the
-    same model, classes, optimizer and number of processes (`expected`, keys of RESUME_KEYS). """
+    same model, classes, optimizer, EMA and number of processes (`expected`, keys of RESUME_KEYS). """
     folder = Path(folder)
     manifest = read_manifest(folder)
     problem = _verify(folder, manifest)
@@ -209,8 +313,10 @@ def load_state(accelerator, folder, expected: dict):
     expected = {**expected, 'num_processes': accelerator.num_processes}
     for key, flag in RESUME_KEYS.items():
         if key in manifest and manifest[key] != expected[key]:
-            raise UsageError(f'checkpoint {folder} was trained with {flag} {manifest[key]}, not {expected[key]}: '
-                             f'resume with the same {flag}, or start a new run')
+            was = (f'with {flag}, not without' if manifest[key] else f'without {flag}, not with it') \
+                if isinstance(manifest[key], bool) else f'with {flag} {manifest[key]}, not {expected[key]}'
+            raise UsageError(f'checkpoint {folder} was trained {was}: resume with the same {flag}, or start a new '
+                             f'run')
     try:
         accelerator.load_state(str(folder))
     except Exception as e:  # torch, safetensors and pickle each raise their own kind
@@ -224,7 +330,8 @@ def copy_run(source: Path, target: Path):
     trims the summary to the checkpoint), so that the source run stays as it was. """
     for name in ('args.yaml', 'summary.csv'):
         if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
+            with writing(target / name) as tmp:
+                shutil.copy2(source / name, tmp)
 
 
 # ----------------------------------------------------------------------------------------------

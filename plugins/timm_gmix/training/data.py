@@ -330,6 +330,28 @@ def _first(split, n):
     return split if n is None else split.select(range(min(n, len(split))))
 
 
+def check_classes(train, val, label_column: str, num_classes: int):
+    """ Every class can be learned: at least two classes have training images, and none has validation images
+    but no training images (it could only ever count as wrong). A class without validation images, or without
+    any images, is a warning: training can go on, as in timm. """
+    names = getattr(train.features[label_column], 'names', None) or [str(c) for c in range(num_classes)]
+    in_train, in_val = (np.bincount(np.asarray(split[label_column], dtype=np.int64), minlength=num_classes)
+                        for split in (train, val))
+    present = np.flatnonzero(in_train)
+    if len(present) < 2:
+        raise UsageError(f'the data has only one class ({names[present[0]]}): a classifier needs at least two; check '
+                         f'--data-dir / the label column')
+    for c in range(num_classes):
+        if not in_train[c] and in_val[c]:
+            raise UsageError(f'class {names[c]!r} has {in_val[c]} validation images but no training images: add '
+                             f'training images of it, or remove it from the validation split')
+    for what, missing in (('no validation images', in_train.astype(bool) & ~in_val.astype(bool)),
+                          ('no images in either split', ~in_train.astype(bool) & ~in_val.astype(bool))):
+        if missing.any():
+            print(f'warning: {len(np.flatnonzero(missing))} class(es) have {what}: '
+                  f'{", ".join(repr(names[c]) for c in np.flatnonzero(missing))}', file=sys.stderr)
+
+
 def load_splits(args):
     """ The train and validation splits and their number of classes, after checking the columns and the
     labels (all before the model is built or training starts). The image column is left undecoded
@@ -347,12 +369,7 @@ def load_splits(args):
         if labels.min() < 0 or labels.max() >= num_classes:
             raise UsageError(f'labels of split {name!r} run from {labels.min()} to {labels.max()}, outside '
                              f'0..{num_classes - 1}: fix the labels or the label column')
-    present = np.unique(train[args.target_key])
-    if len(present) < 2:
-        names = getattr(train.features[args.target_key], 'names', None)
-        only = names[present[0]] if names else present[0]
-        raise UsageError(f'the data has only one class ({only}): a classifier needs at least two; check '
-                         f'--data-dir / the label column')
+    check_classes(train, val, args.target_key, num_classes)
     if args.train_subset is not None:
         keep = max(1, round(args.train_subset * len(train)))
         train = train.shuffle(seed=SPLIT_SEED).select(range(keep))

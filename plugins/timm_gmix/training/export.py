@@ -9,7 +9,7 @@ is left out; classes and preprocessing are this run's.
 a folder). Both paths get the same model metadata, save arguments and card, so the upload holds the same
 config.json, model.safetensors and README.md as the export (timm keeps a README the repository already has).
 """
-import shutil
+import copy
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from timm.models._hub import generate_readme  # the card writer push_to_hf_hub u
 from ..mixup import GMIX_MODES
 from ..sam import DEFAULT_RHO, DEFAULT_RHO_ADAPTIVE, is_sam
 from .args import mixing_enabled
-from .checkpoint import replace_dir
+from .checkpoint import writing
 from .errors import UsageError, reason
 
 # pretrained_cfg keys that describe a model's architecture and inputs: everything else in an architecture's
@@ -132,14 +132,27 @@ def _model_name(folder: Path, args) -> str:
     return args.push_to_hub.split('/')[-1] if args.push_to_hub else folder.resolve().parent.name
 
 
+def _contiguous(model):
+    """ `model`, or a copy of it with contiguous weights where some are not (--channels-last): safetensors
+    writes only contiguous tensors, and the model being trained keeps its layout. """
+    if all(t.is_contiguous() for t in model.state_dict().values()):
+        return model
+    model = copy.deepcopy(model)
+    for t in model.state_dict(keep_vars=True).values():
+        t.data = t.data.contiguous()
+    return model
+
+
 @contextmanager
 def _describing_this_model(model, label_names):
-    """ `model.pretrained_cfg` reduced to MODEL_CFG_KEYS while timm saves it: timm copies the architecture's
-    pretrained_cfg into config.json and can add to it, not take away. Restored after. """
+    """ The model as timm saves it: contiguous, with `pretrained_cfg` reduced to MODEL_CFG_KEYS (timm copies the
+    architecture's pretrained_cfg into config.json and can add to it, not take away), and the model config
+    with its class names. The caller's model is left as it was. """
+    model = _contiguous(model)
     source = model.pretrained_cfg
     model.pretrained_cfg = {k: source[k] for k in MODEL_CFG_KEYS if k in source}
     try:
-        yield {'label_names': list(label_names)} if label_names else {}
+        yield model, {'label_names': list(label_names)} if label_names else {}
     finally:
         model.pretrained_cfg = source
 
@@ -149,14 +162,11 @@ def export_model(model, folder, args, data_config: dict, card: dict) -> Path:
     card (see `model_card` for `card`). Written to `<folder>.tmp`, which replaces an older `folder` only once
     complete. `data_config`: the resolved preprocessing (input_size, mean, std, crop_pct, interpolation). """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
     readme = generate_readme(model_card(model, args, card), _model_name(folder, args))
-    with _describing_this_model(model, card.get('label_names')) as model_config:
-        save_for_hf(model, tmp, model_config=model_config, model_args=args.model_kwargs, safe_serialization=True,
+    with writing(folder) as tmp, _describing_this_model(model, card.get('label_names')) as (saved, model_config):
+        save_for_hf(saved, tmp, model_config=model_config, model_args=args.model_kwargs, safe_serialization=True,
                     data_config=data_config)
-    (tmp / 'README.md').write_text(readme, encoding='utf-8')
-    replace_dir(tmp, folder)
+        (tmp / 'README.md').write_text(readme, encoding='utf-8')
     return folder
 
 
@@ -176,8 +186,8 @@ def push_to_hub(model, folder, args, data_config: dict, card: dict):
     """ Upload `model` to the Hub repository --push-to-hub with timm's `push_to_hf_hub`, as `export_model` wrote
     it to `folder` (same arguments): the same config.json, model.safetensors and README.md. """
     try:
-        with _describing_this_model(model, card.get('label_names')) as model_config:
-            return push_to_hf_hub(model, args.push_to_hub, commit_message='Add model trained with timm-gmix',
+        with _describing_this_model(model, card.get('label_names')) as (saved, model_config):
+            return push_to_hf_hub(saved, args.push_to_hub, commit_message='Add model trained with timm-gmix',
                                   model_config=model_config, model_card=model_card(model, args, card),
                                   model_args=args.model_kwargs, safe_serialization=True, data_config=data_config)
     except Exception as e:  # the Hub client raises HTTP, connection and OS errors of several kinds

@@ -8,10 +8,10 @@ updates goes under `train/`, at step = the number of optimizer updates. wandb, w
 both at its own step, with `epoch` or `update` as a value.
 """
 import csv
-import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from .checkpoint import writing
 from .errors import UsageError
 
 # --log-with name -> the package its Accelerate tracker needs ('all' is every tracker that is installed)
@@ -94,13 +94,12 @@ def _read_summary(path: Path):
 
 
 def _write_summary(path: Path, header: list, rows: list):
-    """ Write the whole file under a temporary name, then rename it over the old one. """
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', newline='') as f:
+    """ Write the whole file under a temporary name, then rename it over the old one: a full disk never leaves
+    half a row. """
+    with writing(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=header, restval='')
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _merge_columns(header: list, columns: list) -> list:
@@ -113,21 +112,16 @@ def _merge_columns(header: list, columns: list) -> list:
 
 
 def write_summary(path, epoch: int, train_metrics: dict, eval_metrics: dict, lr: float = None):
-    """ Append the epoch's row to summary.csv with timm's `update_summary` columns: epoch, train_<k>...,
-    eval_<k>..., lr. A header starts a new or empty file; a row with new columns (the EMA's, say) rewrites the
-    file with every column, earlier rows leaving the new ones empty. """
+    """ Add the epoch's row to summary.csv with timm's `update_summary` columns: epoch, train_<k>...,
+    eval_<k>..., lr. A row with new columns (the EMA's, say) adds them to the header, earlier rows leaving them
+    empty. """
     path = Path(path)
     row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
            **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}}
     if lr is not None:
         row['lr'] = lr
     header, rows = _read_summary(path)
-    merged = _merge_columns(header, list(row))
-    if merged != header:
-        _write_summary(path, merged, [*rows, row])
-        return
-    with open(path, 'a', newline='') as f:
-        csv.DictWriter(f, fieldnames=header, restval='').writerow(row)
+    _write_summary(path, _merge_columns(header, list(row)), [*rows, row])
 
 
 def trim_summary(path, last_epoch: int):
