@@ -31,7 +31,7 @@ from timm_gmix.training.data import load_splits
 from timm_gmix.training.errors import UsageError, main_guard
 from timm_gmix.training.export import check_push_to_hub, export_model, push_to_hub
 from timm_gmix.training.factory import check_input_size, configure_model, create_mixup, create_model, create_optimizer
-from timm_gmix.training.loader import create_loaders, epoch_batches, with_transforms
+from timm_gmix.training.loader import batches, create_loaders, epoch_batches, with_transforms
 from timm_gmix.training.losses import create_loss
 from timm_gmix.training.resume import CommandLineSettings, changed_flags, step_to
 from timm_gmix.training.tracking import log_epoch, log_step, start_tracking, tracker_names, trim_summary, write_summary
@@ -111,13 +111,10 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
     for update in bar:
         # timm's --grad-accum-steps: one update from `accum` loader batches (the last update takes what is left)
         group = [next(batches) for _ in range(min(accum, len(loader) - update * accum))]
-        inputs, targets = (torch.cat(t) for t in zip(*group))
-        if args.channels_last or args.model_dtype:
-            inputs = inputs.to(dtype=getattr(torch, args.model_dtype or 'float32'),
-                               memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        inputs, targets = group[0] if len(group) == 1 else (torch.cat(t) for t in zip(*group))
         result = gmix_step(model, optimizer, inputs, targets, mixup_fn, loss_fn, accelerator,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, sync_ascent=args.sync_ascent,
-                           accum_steps=len(group))
+                           accum_steps=len(group), guard=args.step_guard)
         meter.update(result)
         state.bad_steps = state.bad_steps + 1 if result.skipped else 0
         if state.bad_steps >= args.max_bad_steps:
@@ -150,20 +147,20 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
 
 @torch.no_grad()
 def validate(model, loader, accelerator, args):
+    """ Loss, top-1 and top-5 over the validation split (summed on the device, read once at the end). """
     model.eval()
-    loss_sum, top1, top5, count = 0.0, 0.0, 0.0, 0
-    for inputs, targets in loader:
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5 (in %), examples
+    for inputs, targets in batches(loader):
         with accelerator.autocast():
-            logits = model(inputs.to(dtype=getattr(torch, args.model_dtype or 'float32')))
+            logits = model(inputs)
         if args.tta > 1:  # timm's test-time augmentation reduction
             logits, targets = logits.unfold(0, args.tta, args.tta).mean(dim=2), targets[::args.tta]
         logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
         acc1, acc5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[-1])))
-        loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
-        top1, top5, count = top1 + acc1.item() * len(targets), top5 + acc5.item() * len(targets), count + len(targets)
-    return {'loss': loss_sum / count, 'top1': top1 / count, 'top5': top5 / count}
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction='sum'), acc1 * len(targets),
+                             acc5 * len(targets), torch.tensor(len(targets), device=logits.device)]).double()
+    loss, top1, top5, count = sums.tolist()
+    return {'loss': loss / count, 'top1': top1 / count, 'top5': top5 / count}
 
 
 def make_accelerator(args) -> Accelerator:
@@ -173,7 +170,8 @@ def make_accelerator(args) -> Accelerator:
         cpu=args.device == 'cpu', mixed_precision=mixed_precision(args), log_with=tracker_names(args),
         project_dir=args.output or 'output/train',  # start_tracking points the trackers at the run folder
         kwargs_handlers=handlers, dynamo_plugin=dynamo,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=args.pin_mem))
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise UsageError(f'{accelerator.distributed_type.value} is not supported: the SAM step needs whole '
                          f'parameters on each process; use DDP (accelerate launch --multi_gpu)')
@@ -220,7 +218,7 @@ def main(argv=None):
 
     accelerator = make_accelerator(args)
     set_seed(args.seed, device_specific=True)  # timm: seed + rank (lam, masks); DDP syncs the initial weights
-    train_loader, val_loader = create_loaders(train_set, val_set, args, accelerator)
+    train_loader, val_loader = create_loaders(train_set, val_set, args, accelerator, data_config)
     if len(train_loader) < args.grad_accum_steps:
         raise UsageError(f'{len(train_set)} training examples do not fill one update of {args.grad_accum_steps} x '
                          f'{args.batch_size} per process: lower --batch-size or --grad-accum-steps')

@@ -1,6 +1,7 @@
-""" gmix_step never leaves a bad state behind: w comes back when the pass at w + e raises, an update that
-makes weights or optimizer state non-finite is undone bit for bit, a normal step is the per-parameter
-computation bit for bit, SAM reuses its buffers, and the g path reads one value on the host. """
+""" gmix_step never leaves a bad state behind: w comes back when the pass at w + e raises, a non-finite loss or
+gradient skips the update (guard 'skip', the default), an update that makes weights or optimizer state
+non-finite is undone bit for bit (guard 'undo'), a normal step is the per-parameter computation bit for bit, SAM
+reuses its buffers, and the g path reads one value on the host. """
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ from timm.optim import create_optimizer_v2
 from torch.overrides import TorchFunctionMode
 
 from timm_gmix import GMixup, find_sam, gmix_step
-from timm_gmix.step import all_finite
+from timm_gmix.guard import all_finite
 from timm_gmix.training.checkpoint import all_finite as checkpoint_finite
 
 LR = 0.1
@@ -135,7 +136,7 @@ def test_perturb_at_w_plus_e_raises(make_mlp, make_batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# A non-finite update is undone
+# A non-finite update is undone (guard 'undo'), and left as made by the default guard
 
 
 @pytest.mark.parametrize('name, steps, lr, loss_scale', [
@@ -154,7 +155,8 @@ def test_non_finite_update_is_undone(name, steps, lr, loss_scale, make_mlp, make
 
     set_lr(opt, lr)
     x, y = batches[steps]
-    result = gmix_step(model, opt, x, y, loss_fn=lambda out, t: loss_scale * F.cross_entropy(out, t, reduction='none'))
+    result = gmix_step(model, opt, x, y, guard='undo',
+                       loss_fn=lambda out, t: loss_scale * F.cross_entropy(out, t, reduction='none'))
     assert result.skipped and result.diverged
     set_lr(opt, LR)
     assert_same(snapshot(model, opt), before)
@@ -173,21 +175,40 @@ def test_diverged_step_updates_the_scaler_as_a_finite_gradient_step(make_mlp, ma
     opt = make_opt(model, 'sam/sgd')
     scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 10, growth_interval=100)
     x, y = make_batch(8)
-    assert not gmix_step(model, opt, x, y, scaler=scaler).skipped
+    assert not gmix_step(model, opt, x, y, scaler=scaler, guard='undo').skipped
     set_lr(opt, float('inf'))
-    assert gmix_step(model, opt, x, y, scaler=scaler).diverged
+    assert gmix_step(model, opt, x, y, scaler=scaler, guard='undo').diverged
     assert (scaler.get_scale(), scaler.state_dict()['_growth_tracker']) == (2. ** 10, 2)
     set_lr(opt, LR)
-    assert not gmix_step(model, opt, x, y, scaler=scaler).skipped
+    assert not gmix_step(model, opt, x, y, scaler=scaler, guard='undo').skipped
     assert (scaler.get_scale(), scaler.state_dict()['_growth_tracker']) == (2. ** 10, 3)
 
 
-def test_non_finite_gradient_is_not_diverged(make_mlp, make_batch):
+@pytest.mark.parametrize('guard', ['skip', 'undo'])
+def test_non_finite_gradient_is_skipped_not_diverged(guard, make_mlp, make_batch):
     model = make_mlp()
     opt = make_opt(model, 'sam/sgd')
     x, y = make_batch(8)
-    result = gmix_step(model, opt, x * float('nan'), y)
+    before = snapshot(model, opt)
+    result = gmix_step(model, opt, x * float('nan'), y, guard=guard)
     assert result.skipped and not result.diverged
+    assert_same(snapshot(model, opt), before)
+
+
+@pytest.mark.parametrize('name', ['sam/sgd', 'sgd'])
+def test_the_default_guard_makes_an_update_from_finite_gradients(name, make_mlp, make_batch):
+    """ Guard 'skip' decides before the update, on the losses and gradients: an lr that makes the update
+    overflow is not caught there (that is what 'undo' pays for); the next update, at non-finite weights, is
+    skipped and leaves them as they are. """
+    model = make_mlp()
+    opt = make_opt(model, name)
+    x, y = make_batch(8)
+    set_lr(opt, 1e38)
+    result = gmix_step(model, opt, x, y, loss_fn=lambda out, t: 100. * F.cross_entropy(out, t, reduction='none'))
+    assert not result.skipped and not all(torch.isfinite(p).all() for p in model.parameters())
+    before = snapshot(model, opt)
+    assert gmix_step(model, opt, x, y).skipped
+    assert_same(snapshot(model, opt), before)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -294,18 +315,21 @@ def test_sam_allocates_its_copy_of_w_once(adaptive, make_mlp, make_batch):
     assert allocations == [n, 0, n, 0]
 
 
-@pytest.mark.parametrize('name', ['sam/sgd', 'sgd'])
-def test_undo_buffers_are_allocated_once(name, make_mlp, make_batch):
-    """ Buffers for w (step 1) and for the momentum (step 2, the first with a momentum to save), then none. """
+@pytest.mark.parametrize('name, guard, expected', [
+    ('sam/sgd', 'undo', 'n n 0 0'), ('sgd', 'undo', 'n n 0 0'), ('sam/sgd', 'skip', 'n 0 0 0'), ('sgd', 'skip', '0 0 0 0'),
+])
+def test_guard_buffers_are_allocated_once(name, guard, expected, make_mlp, make_batch):
+    """ 'undo': buffers for w (step 1: SAM's own copy, or the guard's) and for the momentum (step 2, the first with a
+    momentum to save), then none. 'skip' keeps no copy of weights or state: SAM's copy of w only. """
     model = make_mlp()
     opt = make_opt(model, name)
     allocations = []
     for seed in range(4):
         with CountCalls({torch.empty_like}) as counter:
-            assert not gmix_step(model, opt, *make_batch(8, seed=seed)).skipped
+            assert not gmix_step(model, opt, *make_batch(8, seed=seed), guard=guard).skipped
         allocations.append(counter.count)
     n = len(list(model.parameters()))
-    assert allocations == [n, n, 0, 0]
+    assert allocations == [n if a == 'n' else 0 for a in expected.split()]
 
 
 HOST_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
@@ -314,11 +338,12 @@ HOST_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, tor
 
 @pytest.mark.parametrize('name, mixup, kwargs', [
     ('sam/sgd', 'g', {}),
+    ('sam/sgd', 'g', dict(guard='undo')),
     ('sam/sgd', 'g', dict(clip_grad=1.0, accum_steps=2)),
     ('sam/sgd', None, dict(clip_grad=0.1, clip_mode='value')),
     ('lookahead_sam', 'timm', dict(scaler=True)),
     ('sgd', 'timm', dict(clip_grad=1.0)),
-], ids=['g', 'g-clip-accum', 'sam-clip-value', 'lookahead-timm-mixup-scaler', 'plain-sgd'])
+], ids=['g', 'g-undo', 'g-clip-accum', 'sam-clip-value', 'lookahead-timm-mixup-scaler', 'plain-sgd'])
 def test_g_path_reads_one_value_on_the_host(name, mixup, kwargs, make_mlp, make_batch):
     """ One host read per update (the skip decision), on a good step and on a skipped one. (Optimizers may
     read their own CPU tensors, as Adam its step count: no device sync, but counted here, so SGD.) """
@@ -335,16 +360,17 @@ def test_g_path_reads_one_value_on_the_host(name, mixup, kwargs, make_mlp, make_
         assert counter.count == 1
 
 
+@pytest.mark.parametrize('guard', ['skip', 'undo'])
 @pytest.mark.parametrize('opt', ['gmix_sam', 'sgd'])
-def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(opt, make_cnn, make_batch):
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(opt, guard, make_cnn, make_batch):
     """ The ascent pass updates BatchNorm's running statistics before the step is known to be skipped: a NaN
     batch must not leave NaN statistics behind (they are saved in every checkpoint). """
     model = make_cnn()
     optimizer = create_optimizer_v2(model, opt=opt, lr=0.1, momentum=0.9)
     x, y = make_batch(8)
-    assert not gmix_step(model, optimizer, x, y).skipped
+    assert not gmix_step(model, optimizer, x, y, guard=guard).skipped
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = gmix_step(model, optimizer, torch.full_like(x, float('nan')), y)
+    result = gmix_step(model, optimizer, torch.full_like(x, float('nan')), y, guard=guard)
     assert result.skipped and not result.diverged
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name

@@ -5,8 +5,6 @@
     3. bg/dg only: sensitivity forward at w + e without gradient, flag ceil(gamma * B) examples
     4. descent pass at w + e on the descent batch (the mixed batch for g)
     5. restore w by copy (also when the pass at w + e raises), unscale, clip, step the base optimizer
-    6. undo the step (BatchNorm statistics, weights, optimizer state) bit for bit, unless the loss and gradient of both
-       passes and the weights and optimizer state after the step are finite
 
 Every pass at w + e normalizes with batch statistics but leaves BatchNorm running statistics as
 they were. Dropout and drop-path draw fresh masks in each pass. With an optimizer that is not SAM the
@@ -21,24 +19,26 @@ The SAM optimizer's cheaper options (see `timm_gmix.sam`) change the passes:
                         forward-backward at w + e (which updates BatchNorm's statistics); BG-/DG-Mix keep the
                         exact s_i from a forward at w and one at w + e, both without gradient, then step 4
 
-Host syncs: one per update on the g path and for a plain step, reading the skip decision after the step.
-Every check before it stays on the device, as GradScaler's found-inf does: the step is always made (after
-a non-finite ascent the pass at w + e runs at NaN weights) and undone where a check failed. BG/DG add the
-reads that selecting the flagged examples needs.
+The guard (`timm_gmix.guard`) keeps a bad update from leaving a bad state: by default a non-finite loss or
+gradient skips the update before it is made; `guard='undo'` also undoes an update that made the weights or the
+optimizer state non-finite. Host syncs: one per update on the g path and for a plain step, the guard's decision
+(which every replica shares). After a non-finite ascent the pass at w + e runs at NaN weights, so that a
+GradScaler sees the overflow and backs off. BG/DG add the reads that selecting the flagged examples needs.
 """
 import math
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from timm.utils import dispatch_clip_grad
 
+from .guard import GUARDS, StepGuard, update_is_finite
 from .mixup import GMixup, MixedBatch
-from .sam import TensorCopy, find_sam, grouped
+from .sam import find_sam
 from .sensitivity import flag_examples
 
 CLIP_MODES = ('norm', 'value', 'agc')  # timm's --clip-mode
@@ -56,10 +56,10 @@ def cross_entropy_per_example(logits: torch.Tensor, target: torch.Tensor, smooth
 class StepResult:
     """ `loss`: mean loss at w on the (mixed) batch (at w + e for G-Mix with a momentum perturbation, which makes
     no pass at w). `skipped`: no update was made (non-finite loss or gradient, or `diverged`). `diverged`: the
-    gradients were finite but the update made weights or optimizer state non-finite, so it was undone.
-    `full_step`: the two-pass SAM step was made (not a plain optimizer, nor SAM's one-pass updates between
-    full steps). For bg/dg full steps: per-example `sensitivity`, the `flagged` mask and `mixes_two_classes`
-    (None when the pass at w was not finite). """
+    gradients were finite but the update made weights or optimizer state non-finite, so it was undone (guard
+    'undo' only). `full_step`: the two-pass SAM step was made (not a plain optimizer, nor SAM's one-pass updates
+    between full steps). For bg/dg full steps: per-example `sensitivity`, the `flagged` mask and
+    `mixes_two_classes` (None when the pass at w was not finite). """
     loss: torch.Tensor
     skipped: bool
     sensitivity: Optional[torch.Tensor] = None
@@ -82,85 +82,86 @@ def frozen_bn_stats(model: torch.nn.Module):
             m.track_running_stats = True
 
 
-def optimizer_states(optimizer) -> List[dict]:
-    """ The state of an optimizer and of those it wraps (timm's Lookahead keeps its slow weights in its
-    base's state; SAM shares its base's and keeps LookSAM's g_v in its own `sam_state`). """
-    states = []
-    while optimizer is not None:
-        for state in (optimizer.state, getattr(optimizer, 'sam_state', None)):
-            if state is not None and all(state is not s for s in states):
-                states.append(state)
-        optimizer = getattr(optimizer, '_base_optimizer', None) or getattr(optimizer, 'base_optimizer', None)
-    return states
+class Passes:
+    """ Forward and backward passes of one update over `accum_steps` micro-batches, under the accelerator's
+    autocast, `no_sync` and loss scale (or a GradScaler's). A loss is the sum of weighted per-example losses over
+    the whole batch size, so the micro-batches add up to the whole-batch gradient. """
+
+    def __init__(self, model, loss_fn, accelerator, scaler, accum_steps: int, batch_size: int):
+        self.model, self.loss_fn, self.accelerator, self.scaler = model, loss_fn, accelerator, scaler
+        self.accum_steps, self.batch_size = accum_steps, batch_size
+        self.autocast = accelerator.autocast if accelerator is not None else nullcontext
+        self.no_sync = (lambda: accelerator.no_sync(model)) if accelerator is not None \
+            else getattr(model, 'no_sync', nullcontext)
+
+    def _micro_batches(self, *tensors):
+        return list(zip(*(t.tensor_split(self.accum_steps) for t in tensors)))
+
+    def _backward(self, loss):
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def gradient(self, x, y, weights=None, sync: bool = True) -> torch.Tensor:
+        """ Accumulate the gradient of sum_i weights_i * l_i / B (all-reduced on the last micro-batch if `sync`);
+        returns the per-example losses. """
+        chunks = self._micro_batches(x, y) if weights is None else self._micro_batches(x, y, weights)
+        losses = []
+        for i, (xc, yc, *wc) in enumerate(chunks):
+            with nullcontext() if sync and i == len(chunks) - 1 else self.no_sync():
+                with self.autocast():
+                    loss = self.loss_fn(self.model(xc), yc)
+                self._backward((loss * wc[0] if wc else loss).sum() / self.batch_size)
+            losses.append(loss.detach())
+        return torch.cat(losses)
+
+    @torch.no_grad()
+    def losses(self, x, y) -> torch.Tensor:
+        """ Per-example losses without gradient. """
+        with self.autocast():
+            return torch.cat([self.loss_fn(self.model(xc), yc) for xc, yc in self._micro_batches(x, y)])
 
 
-def tensors_in(states: Iterable[dict]) -> List[torch.Tensor]:
-    """ The tensors in optimizer states ({parameter: {name: value}}). """
-    return [v for state in states for s in state.values() for v in s.values() if torch.is_tensor(v)]
+def finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """ A 0-d bool: every element of every tensor is finite. """
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """ A 0-d bool on `device`: every floating-point element is finite. Per tensor, sum |x| (in float32 or
-    wider) is NaN or inf when an element is, and otherwise only past 3.4e38, far beyond trainable values
-    (max |x| has no such bound but is several times slower on CPU). Tensors on another kind of device are
-    left out: reading them would wait for the accelerator (Adam's CPU step counts beside CUDA parameters). """
-    flags = [torch.ones((), dtype=torch.bool, device=device)]
-    for group, in grouped(tensors):
-        if group[0].device.type == device.type and group[0].is_floating_point():
-            norms = torch._foreach_norm(group, 1, dtype=torch.promote_types(group[0].dtype, torch.float32))
-            flags.append(torch.stack(norms).isfinite().all().to(device))
-    return torch.stack(flags).all()
+def sam_passes(sam, optimizer, model, passes: Passes, batch: MixedBatch, mixup_fn, mode: str, sync_ascent: bool):
+    """ The passes of a full SAM step: the gradient at w (with a momentum perturbation: only the losses at w that
+    bg/dg need), then at w + e the sensitivity and flagging (bg/dg) and the descent gradient, with w restored
+    however they end. Returns (losses at w or None, descent losses, sensitivity, flagged, ascent finite). """
+    ascent_ok, grad_norm, loss_w = torch.ones((), dtype=torch.bool, device=batch.inputs.device), None, None
+    if sam.perturbation == 'gradient':
+        loss_w = passes.gradient(batch.inputs, batch.targets, sync=sync_ascent)
+        grad_norm = sam.grad_norm()
+        ascent_ok = finite(loss_w, grad_norm)
+        grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))  # a NaN w + e: a GradScaler sees the overflow
+    elif mode in ('bg', 'dg'):  # momentum: the losses at w for the sensitivity, and BatchNorm's statistics
+        loss_w = passes.losses(batch.inputs, batch.targets)
+        ascent_ok = finite(loss_w)
+    sensitivity = flagged = None
+    try:
+        with sam.perturbed(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            with frozen_bn_stats(model) if loss_w is not None else nullcontext():
+                if mode in ('bg', 'dg'):
+                    sensitivity = passes.losses(batch.inputs, batch.targets) - loss_w
+                    flagged = flag_examples(sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
+                    x, y, weights = batch.descent_batch(flagged, mode)
+                else:  # g: the mixed batch again (descent_batch would read `flagged` on the host)
+                    x, y, weights = batch.inputs, batch.targets, None
+                loss_e = passes.gradient(x, y, weights)
+    except BaseException:
+        optimizer.zero_grad(set_to_none=True)
+        raise
+    return loss_w, loss_e, sensitivity, flagged, ascent_ok
 
 
-def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device, buffers=()) -> torch.Tensor:
-    """ A 0-d bool on `device`: the parameters, the optimizer state and `buffers` (the model's: BatchNorm
-    statistics overflow too) are finite. """
-    params = [p for group in optimizer.param_groups for p in group['params']]
-    return all_finite(params + tensors_in(optimizer_states(optimizer)) + list(buffers), device)
-
-
-class UndoableStep:
-    """ Saves what a step changes, so that it can be undone bit for bit: the model's buffers (BatchNorm
-    statistics, which the ascent pass updates: `save_buffers` before it), the parameters, every tensor and
-    value in the optimizer's state (Lookahead's slow weights included) and the values of its parameter groups
-    (Lookahead counts its steps there). Its buffers are kept between steps. """
-
-    def __init__(self):
-        self._model_buffers = TensorCopy()
-        self._own_weights = TensorCopy()
-        self._weights = self._own_weights
-        self._state_tensors = TensorCopy()
-        self._states = []
-        self._groups = []
-
-    def save_buffers(self, model: torch.nn.Module):
-        """ Call before the first pass of the step. """
-        self._model_buffers.save(model.buffers())
-
-    def save(self, optimizer: torch.optim.Optimizer, weights: Optional[TensorCopy] = None):
-        """ Call just before the step. `weights`: an exact copy of the parameters already made (SAM's w),
-        used instead of making one. """
-        if weights is None:
-            self._own_weights.save(p for group in optimizer.param_groups for p in group['params'])
-        self._weights = self._own_weights if weights is None else weights
-        self._states = [(state, {p: dict(s) for p, s in state.items()}) for state in optimizer_states(optimizer)]
-        self._state_tensors.save(tensors_in(saved for _, saved in self._states))
-        self._groups = [(g, {k: v for k, v in g.items() if k != 'params'}) for g in optimizer.param_groups]
-
-    def undo(self):
-        self._model_buffers.restore()
-        self._weights.restore()
-        self._state_tensors.restore()  # into the tensors the state held before: put them back below
-        for state, saved in self._states:
-            state.clear()
-            state.update(saved)
-        for group, saved in self._groups:
-            for k in set(group) - set(saved) - {'params'}:
-                del group[k]
-            group.update(saved)
-
-
-_UNDO = weakref.WeakKeyDictionary()  # optimizer -> its UndoableStep, so the buffers outlive one step
+_GUARDS = weakref.WeakKeyDictionary()  # optimizer -> its StepGuard, so the copies outlive one step
 
 
 def gmix_step(
@@ -176,6 +177,7 @@ def gmix_step(
         clip_mode: str = 'norm',
         sync_ascent: bool = False,
         accum_steps: int = 1,
+        guard: str = 'skip',
 ) -> StepResult:
     """ Make one complete update of `model` from a raw batch.
 
@@ -189,14 +191,9 @@ def gmix_step(
         clip_grad, clip_mode: as timm's `--clip-grad`/`--clip-mode`, applied to unscaled gradients
         sync_ascent: all-reduce the ascent gradient too (the perturbation then uses the global norm)
         accum_steps: split the batch in this many micro-batches; the update equals the whole-batch one
+        guard: 'skip' or 'undo' (see `timm_gmix.guard`)
     """
-    if not (isinstance(accum_steps, int) and 1 <= accum_steps <= len(inputs)):
-        raise ValueError(f'accum_steps must be a whole number from 1 to the batch size ({len(inputs)}), '
-                         f'got {accum_steps!r}')
-    if clip_mode not in CLIP_MODES:
-        raise ValueError(f'unknown clip_mode {clip_mode!r}: choose one of {", ".join(CLIP_MODES)}')
-    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and math.isfinite(clip_grad) and clip_grad > 0):
-        raise ValueError(f'clip_grad must be a positive number, or None for no clipping, got {clip_grad!r}')
+    check_step_arguments(len(inputs), clip_grad, clip_mode, accum_steps, guard)
     if accelerator is not None:
         if scaler is not None:
             raise ValueError('pass a GradScaler only without an accelerator: the accelerator brings its own')
@@ -215,116 +212,92 @@ def gmix_step(
         batch = MixedBatch.unmixed(*mixup_fn(inputs, targets))
     else:
         batch = MixedBatch.unmixed(inputs, targets)
+    passes = Passes(model, loss_fn, accelerator, scaler, accum_steps, len(batch.inputs))
+    copies = _GUARDS.setdefault(stepper, StepGuard())
+    copies.save_buffers(model)
 
-    autocast = accelerator.autocast if accelerator is not None else nullcontext
-    no_sync = (lambda: accelerator.no_sync(model)) if accelerator is not None \
-        else getattr(model, 'no_sync', nullcontext)
-    batch_size = len(batch.inputs)
-
-    def backward(loss):
-        if accelerator is not None:
-            accelerator.backward(loss)
-        elif scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def micro_batches(*tensors):
-        return list(zip(*(t.tensor_split(accum_steps) for t in tensors)))
-
-    def forward_backward(x, y, weights, sync: bool):
-        """ Gradient of sum_i weights_i * l_i / B over micro-batches, all-reduced on the last if `sync`;
-        returns the per-example losses. """
-        chunks = micro_batches(x, y, weights)
-        losses = []
-        for i, (xc, yc, wc) in enumerate(chunks):
-            with (nullcontext() if sync and i == len(chunks) - 1 else no_sync()):
-                with autocast():
-                    loss = loss_fn(model(xc), yc)
-                backward((loss * wc).sum() / batch_size)
-            losses.append(loss.detach())
-        return torch.cat(losses)
-
-    @torch.no_grad()
-    def forward(x, y):
-        with autocast():
-            return torch.cat([loss_fn(model(xc), yc) for xc, yc in micro_batches(x, y)])
-
-    def all_agree(flags: torch.Tensor) -> List[bool]:
-        """ The one host read of a step. A flag is true only where it is true on every replica: replicas
-        must take the same branch, or the next all-reduce waits forever. """
-        if accelerator is not None and accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
-        return flags.tolist()
-
-    undo = _UNDO.setdefault(stepper, UndoableStep())
-    undo.save_buffers(model)
-    ones = torch.ones(batch_size, device=batch.inputs.device)
     full = sam is not None and sam.is_full_step()
     sensitivity = flagged = None
-    ascent_ok = torch.ones((), dtype=torch.bool, device=ones.device)
-    if not full:  # a plain optimizer, or SAM between its full steps: one pass on the mixed batch
-        loss_e = loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=True)
-    else:
-        if sam.perturbation == 'gradient':
-            loss_w = forward_backward(batch.inputs, batch.targets, ones, sync=sync_ascent)
-            grad_norm = sam.grad_norm()
-            ascent_ok = torch.isfinite(loss_w).all() & torch.isfinite(grad_norm)
-            # Decided without a host read: after a non-finite ascent the NaN norm makes all of w + e NaN, so
-            # the descent gradient overflows too (a GradScaler backs off) and the step is undone below.
-            grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))
-        elif mode in ('bg', 'dg'):  # momentum: the losses at w for the sensitivity, and BatchNorm's statistics
-            loss_w, grad_norm = forward(batch.inputs, batch.targets), None
-            ascent_ok = torch.isfinite(loss_w).all()
-        else:  # momentum, g: the one pass is at w + e, and updates BatchNorm's statistics
-            loss_w = grad_norm = None
-        try:
-            with sam.perturbed(grad_norm):
-                stepper.zero_grad(set_to_none=True)
-                with frozen_bn_stats(model) if loss_w is not None else nullcontext():
-                    if mode in ('bg', 'dg'):
-                        sensitivity = forward(batch.inputs, batch.targets) - loss_w
-                        flagged = flag_examples(sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
-                        x, y, weights = batch.descent_batch(flagged, mode)
-                    else:  # g: the mixed batch again (descent_batch would read `flagged` on the host)
-                        x, y, weights = batch.inputs, batch.targets, ones
-                    loss_e = forward_backward(x, y, weights, sync=True)
-        except BaseException:
-            stepper.zero_grad(set_to_none=True)
-            raise
-
+    if full:
+        loss_w, loss_e, sensitivity, flagged, ascent_ok = sam_passes(
+            sam, stepper, model, passes, batch, mixup_fn, mode, sync_ascent)
+    else:  # a plain optimizer, or SAM between its full steps: one pass on the mixed batch
+        loss_w = loss_e = passes.gradient(batch.inputs, batch.targets)
+        ascent_ok = torch.ones((), dtype=torch.bool, device=loss_e.device)
     if scaler is not None:
         scaler.unscale_(stepper)
-    # Saved before LookSAM changes its g_v; the step is made whatever the checks say (deciding first would cost a
-    # host read) and undone if any failed.
-    undo.save(stepper, sam.saved_w if full else None)
-    if sam is not None and sam.reuse:
-        reuse_gradient(sam, full, accelerator if not sync_ascent else None)
     params = [p for group in stepper.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    descent_ok = torch.isfinite(grad_norm) & torch.isfinite(loss_e).all()
-    if clip_grad is not None:
-        if clip_mode == 'norm':
-            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
+    checks = [ascent_ok, finite(grad_norm, loss_e)]
+
+    def update():
+        """ LookSAM's reused direction, clipping, and the base optimizer's step. """
+        norm = grad_norm
+        if sam is not None and sam.reuse:
+            reuse_gradient(sam, full, accelerator if not sync_ascent else None)
+            norm = None
+        if clip_grad is not None:
+            clip(params, clip_grad, clip_mode, norm)
+        with sam.base_step() if sam is not None else nullcontext():
+            stepper.step()
+
+    if guard == 'undo':  # made, then undone if it failed: the decision needs one host read either way
+        copies.save(stepper, sam.saved_w if full else None)
+        update()
+        checks.append(update_is_finite(stepper, ascent_ok.device, model.buffers()))
+        ascent_ok, descent_ok, update_ok = all_agree(checks, accelerator)
+        made = ascent_ok and descent_ok and update_ok
+        if not made:
+            copies.undo()
+    else:
+        ascent_ok, descent_ok = all_agree(checks, accelerator)
+        made = update_ok = ascent_ok and descent_ok
+        if made:
+            update()
         else:
-            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-    with sam.base_step() if sam is not None else nullcontext():
-        stepper.step()
-    update_ok = update_is_finite(stepper, ones.device, model.buffers())
-    ascent_ok, descent_ok, update_ok = all_agree(torch.stack([ascent_ok, descent_ok, update_ok]))
-    result = StepResult(loss=(loss_e if loss_w is None else loss_w).mean(),
-                        skipped=not (ascent_ok and descent_ok and update_ok),
+            copies.restore_buffers()
+    result = StepResult(loss=(loss_e if loss_w is None else loss_w).mean(), skipped=not made,
                         diverged=ascent_ok and descent_ok and not update_ok, full_step=full)
     if sensitivity is not None and ascent_ok:
         result.sensitivity, result.flagged, result.mixes_two_classes = sensitivity, flagged, batch.mixes_two_classes
-    if result.skipped:
-        undo.undo()
-    elif sam is not None:
+    if made and sam is not None:
         sam.count_update()
     if scaler is not None:
         scaler.update()
     stepper.zero_grad(set_to_none=True)
     return result
+
+
+def check_step_arguments(batch_size: int, clip_grad, clip_mode: str, accum_steps, guard: str):
+    """ ValueError for a gmix_step argument that cannot work. """
+    if not (isinstance(accum_steps, int) and 1 <= accum_steps <= batch_size):
+        raise ValueError(f'accum_steps must be a whole number from 1 to the batch size ({batch_size}), '
+                         f'got {accum_steps!r}')
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f'unknown clip_mode {clip_mode!r}: choose one of {", ".join(CLIP_MODES)}')
+    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and math.isfinite(clip_grad) and clip_grad > 0):
+        raise ValueError(f'clip_grad must be a positive number, or None for no clipping, got {clip_grad!r}')
+    if guard not in GUARDS:
+        raise ValueError(f'unknown guard {guard!r}: choose one of {", ".join(GUARDS)}')
+
+
+def clip(params: List[torch.Tensor], clip_grad: float, clip_mode: str, norm: Optional[torch.Tensor] = None):
+    """ timm's clipping of the (unscaled) gradients; `norm`: their total norm, when it is known already. """
+    if clip_mode == 'norm':
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+    else:
+        dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+
+
+def all_agree(flags: List[torch.Tensor], accelerator=None) -> List[bool]:
+    """ The one host read of a step. A flag is true only where it is true on every replica: replicas must take
+    the same branch, or the next all-reduce waits forever. """
+    flags = torch.stack(flags)
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
+    return flags.tolist()
 
 
 def reuse_gradient(sam, full: bool, accelerator=None):

@@ -17,6 +17,7 @@ import yaml
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
+from ..guard import GUARDS
 from ..mixup import FLAG_CHOICES, GMIX_MODES, TIMM_MODES
 from ..sam import PERTURBATIONS, is_sam, registry_name
 from .errors import UsageError, reason
@@ -36,7 +37,8 @@ NOT_APPLICABLE = {
 # The plugin's own flags (the rest of the parser is timm's).
 PLUGIN_FLAGS = ('train_subset', 'sam_base', 'rho', 'asam', 'sync_ascent', 'sam_interval', 'sam_reuse', 'sam_perturb',
                 'lam_mode', 'gmix_ratio', 'gmix_flag',
-                'mixed_precision', 'export_ema', 'max_bad_steps', 'log_with', 'push_to_hub', 'skip_bad_images')
+                'mixed_precision', 'export_ema', 'max_bad_steps', 'step_guard', 'log_with', 'push_to_hub',
+                'skip_bad_images')
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 
 
@@ -234,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-j', '--workers', type=int, default=4)
     group.add_argument('--save-images', action='store_true')
     group.add_argument('--pin-mem', action='store_true')
-    group.add_argument('--no-prefetcher', action='store_true', help='accepted: batches are moved by Accelerate')
+    group.add_argument('--no-prefetcher', action='store_true',
+                       help='as in timm: float batches normalized in the loader workers, not uint8 batches normalized '
+                            'on the device')
     group.add_argument('--output', default='', metavar='PATH', help='runs go to OUTPUT/EXPERIMENT (./output/train)')
     group.add_argument('--experiment', default='', metavar='NAME', help='default: <date-time>-<model>-<img size>')
     group.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
@@ -247,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--wandb-resume-id', default='')
     group.add_argument('--log-with', default=None, choices=TRACKERS, nargs='+', help="Accelerate's trackers")
     group.add_argument('--max-bad-steps', type=int, default=10, help='stop after this many non-finite steps in a row')
+    group.add_argument('--step-guard', default='skip', choices=GUARDS,
+                       help='skip: a non-finite loss or gradient skips the update (as a GradScaler does); undo: also '
+                            'undo an update that leaves weights or optimizer state non-finite (costs a copy of both)')
     group.add_argument('--push-to-hub', default=None, metavar='REPO', help='upload the exported model after training')
     group.add_argument('--skip-bad-images', action='store_true',
                        help='replace an unreadable image by the next readable one (counted) instead of stopping')

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..step import all_finite as finite_on
+from ..guard import all_finite as finite_on
 from .errors import UsageError, reason
 
 MANIFEST = 'checkpoint.json'
