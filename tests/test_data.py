@@ -129,11 +129,15 @@ def test_dg_mix_trains_on_each_format(fmt, workers, data, tmp_path):
     assert model.num_classes == len(CLASSES)
 
 
-def test_transform_flags_reach_timm_transforms(data):
+@pytest.mark.parametrize('prefetcher', [True, False], ids=['prefetcher', 'no-prefetcher'])
+def test_transform_flags_reach_timm_transforms(prefetcher, data):
+    """ As timm builds them: with its prefetcher (the default) the workers' transforms end in uint8 tensors and
+    random erasing runs on the device; with --no-prefetcher they normalize and erase. """
+    no_prefetcher = [] if prefetcher else ['--no-prefetcher']
     args = args_for(*TINY, *data['save_to_disk'], '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25', '--remode', 'const',
                     '--scale', '0.5', '1', '--ratio', '0.8', '1.25', '--hflip', '0.3', '--interpolation', 'bilinear',
-                    '--train-interpolation', 'bilinear', '--crop-pct', '0.8')
-    from timm_gmix.training.loader import with_transforms
+                    '--train-interpolation', 'bilinear', '--crop-pct', '0.8', *no_prefetcher)
+    from timm_gmix.training.loader import DeviceNormalize, with_transforms
     model = timm.create_model('resnet10t', num_classes=3)
     train_set, val_set, data_config = with_transforms(None, None, args, model)
     assert data_config['input_size'] == (3, 32, 32)
@@ -143,12 +147,16 @@ def test_transform_flags_reach_timm_transforms(data):
     assert crop.scale == (0.5, 1.0) and crop.ratio == (0.8, 1.25) and crop.interpolation.value == 'bilinear'
     assert ops[transforms.RandomHorizontalFlip].p == 0.3
     assert RandAugment in ops and transforms.ColorJitter not in ops  # timm: no colour jitter with AutoAugment
-    assert ops[RandomErasing].probability == 0.25 and ops[RandomErasing].mode == 'const'
+    erasing = DeviceNormalize(args, data_config, torch.device('cpu'), training=True).erase if prefetcher \
+        else ops[RandomErasing]
+    assert erasing.probability == 0.25 and erasing.mode == 'const'
+    assert (RandomErasing in ops) == (not prefetcher)
+    assert DeviceNormalize(args, data_config, torch.device('cpu'), training=False).erase is None
     val_ops = {type(t): t for t in val_set.transform.transforms}
     assert val_ops[transforms.Resize].size == int(32 / 0.8)
 
     # timm's own defaults otherwise: colour jitter 0.4, random erasing off, the model's interpolation
-    args = args_for(*TINY, *data['save_to_disk'])
+    args = args_for(*TINY, *data['save_to_disk'], *no_prefetcher)
     train_set, val_set, data_config = with_transforms(None, None, args, model)
     ops = {type(t): t for t in train_set.transform.transforms}
     assert transforms.ColorJitter in ops and RandomErasing not in ops

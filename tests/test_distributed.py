@@ -9,13 +9,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.data.loader import fast_collate
 from timm.optim import create_optimizer_v2
 
 from helpers import DG_MIX, ROOT, SCRIPTS, SMALL_RUN, accelerate_launch, assert_same, read_summary
 from timm_gmix import GMixup, gmix_step
 from timm_gmix.training.args import parse_args
 from timm_gmix.training.data import load_splits
-from timm_gmix.training.loader import with_transforms
+from timm_gmix.training.loader import DeviceNormalize, with_transforms
 
 WORKER_STEPS = 3  # ddp_worker.STEPS
 # Worker scenarios by launch precision; dg and g use a CNN with BatchNorm and different data per rank.
@@ -118,12 +119,13 @@ def test_train_py_on_two_processes_counts_each_validation_example_once(tmp_path)
     model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True).eval()
     args = parse_args(argv, default_config=ROOT / 'configs' / 'digits.yaml')
     train_split, val_split, _ = load_splits(args)
-    _, val_set, _ = with_transforms(train_split, val_split, args, model)
+    _, val_set, data_config = with_transforms(train_split, val_split, args, model)
     assert len(val_set) == 359 and len(val_set) % (2 * 16)
+    to_model = DeviceNormalize(args, data_config, torch.device('cpu'), training=False)
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(val_set, batch_size=128):
-            logits = model(x)
+        for x, y in torch.utils.data.DataLoader(val_set, batch_size=128, collate_fn=fast_collate):
+            logits = model(to_model(x))
             correct += int((logits.argmax(-1) == y).sum())
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction='sum'))
     assert float(row['eval_top1']) == pytest.approx(100 * correct / len(val_set), rel=1e-9)

@@ -1,5 +1,7 @@
 """ Training batches depend only on (--seed, epoch, position): the same with any --workers, skippable
-for an exact mid-epoch resume, and leaving the main process's RNG alone. """
+for an exact mid-epoch resume, and leaving the main process's RNG alone (but for random erasing on the device,
+which draws from it as timm's prefetcher does); uint8 batches normalized on the device are the --no-prefetcher
+batches. """
 import random
 
 import datasets
@@ -34,11 +36,14 @@ def train_loader(*argv):
     args = loader_args(*argv)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(
         use_seedable_sampler=True, data_seed=args.seed))
-    train_set, val_set, _ = with_transforms(split('train'), split('validation'), args, None)
-    return create_loaders(train_set, val_set, args, accelerator)[0]
+    train_set, val_set, data_config = with_transforms(split('train'), split('validation'), args, None)
+    return create_loaders(train_set, val_set, args, accelerator, data_config)[0]
 
 
 def epoch(loader, n, skip=0):
+    """ The batches of epoch n from batch `skip`, the main process's RNG seeded first (random erasing on the
+    device draws from it, as in training, where a resume restores it). """
+    random.seed(n), torch.manual_seed(n)
     return [(x.clone(), y.clone()) for x, y in epoch_batches(loader, n, skip)]
 
 
@@ -48,9 +53,14 @@ def assert_same_batches(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_epochs_are_the_same_with_any_workers():
-    in_main = train_loader('--workers', '0')
-    in_workers = train_loader('--workers', '2')
+# random erasing on the device (timm's prefetcher) or in the workers
+ERASING = {'on the device': (), 'in the workers': ('--no-prefetcher',)}
+
+
+@pytest.mark.parametrize('erasing', sorted(ERASING))
+def test_epochs_are_the_same_with_any_workers(erasing):
+    in_main = train_loader('--workers', '0', *ERASING[erasing])
+    in_workers = train_loader('--workers', '2', *ERASING[erasing])
     for n in (0, 1):
         assert_same_batches(epoch(in_main, n), epoch(in_workers, n))
     assert len(epoch(in_main, 0)) == 6
@@ -68,20 +78,24 @@ def test_each_epoch_draws_new_order_and_augmentation():
     assert all(not torch.equal(a, b) for a, b in zip(*images))
 
 
+@pytest.mark.parametrize('argv', [('--reprob', '0'), ('--no-prefetcher',)], ids=['uint8', 'no-prefetcher'])
 @pytest.mark.parametrize('persistent', ((), ('--use-multi-epochs-loader',)), ids=('fresh', 'persistent'))
-def test_skipping_batches_leaves_the_rest_unchanged(persistent):
-    uninterrupted = epoch(train_loader('--workers', '2', *persistent), 1)
-    resumed = train_loader('--workers', '2', *persistent)
+def test_skipping_batches_leaves_the_rest_unchanged(persistent, argv):
+    """ What the workers make (erasing included, with --no-prefetcher); erasing on the device draws from the main
+    process's RNG, which a resumed run restores (tests/test_resume.py). """
+    uninterrupted = epoch(train_loader('--workers', '2', *persistent, *argv), 1)
+    resumed = train_loader('--workers', '2', *persistent, *argv)
     epoch(resumed, 0)  # workers that already served an epoch must see the new one
     assert_same_batches(epoch(resumed, 1, skip=2), uninterrupted[2:])
     assert epoch(resumed, 1, skip=6) == []
 
 
-def test_iterating_leaves_the_main_process_rng_alone():
-    loader = train_loader('--workers', '0')
+@pytest.mark.parametrize('argv', [('--reprob', '0'), ('--no-prefetcher',)], ids=['prefetcher', 'no-prefetcher'])
+def test_iterating_leaves_the_main_process_rng_alone(argv):
+    loader = train_loader('--workers', '0', *argv)
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
-    epoch(loader, 3)
+    [batch for batch in epoch_batches(loader, 3)]
     assert random.getstate() == before[0]
     assert np.array_equal(np.random.get_state()[1], before[1])
     assert torch.equal(torch.get_rng_state(), before[2])
@@ -123,11 +137,11 @@ def test_aug_splits_batch_is_split_major():
     sampler = loader.epoch_sampler
     sampler.plan(epoch=2)
     keys = next(iter(sampler))
-    inputs, targets = next(iter(epoch_batches(loader, 2)))
+    inputs, targets = next(iter(loader))  # as the workers make it: uint8, normalized and erased on the device
     assert inputs.shape == (3 * B, 3, 16, 16) and torch.equal(targets, targets[:B].repeat(3))
     examples = SeededExamples(loader.dataset.dataset, seed=42)
     for i, key in enumerate(keys):
-        views, label = examples[key]
+        [(views, label)] = examples.__getitems__([key])
         assert targets[i] == label
         for j in range(3):
             assert torch.equal(inputs[j * B + i], views[j])
@@ -143,3 +157,15 @@ def test_two_processes_resume_their_own_batches(tmp_path):
         assert_same_batches(rank['resumed'], rank['whole'][SKIP:])
     labels = [torch.cat([y for _, y in rank['whole']]) for rank in ranks]
     assert sorted(torch.cat(labels).tolist()) == sorted(y for _, y, _ in images_and_labels('train'))
+
+
+def test_uint8_batches_normalized_on_the_device_are_the_no_prefetcher_batches():
+    """ timm's prefetcher: the workers make uint8 images, normalized (x - 255 mean) / (255 std) on the device;
+    --no-prefetcher normalizes (x / 255 - mean) / std in the workers: the same batches up to float rounding. """
+    prefetched, normalized = (epoch(train_loader('--workers', '0', '--reprob', '0', *argv), 0)
+                              for argv in ((), ('--no-prefetcher',)))
+    for (x, y), (x_ref, y_ref) in zip(prefetched, normalized):
+        assert x.dtype == x_ref.dtype == torch.float32 and torch.equal(y, y_ref)
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-5)
+    raw = next(iter(train_loader('--workers', '0')))[0]  # the loader itself, before the device
+    assert raw.dtype == torch.uint8

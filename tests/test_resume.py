@@ -19,11 +19,13 @@ from helpers import DG_MIX, SMALL_RUN, assert_same, read_summary, train_main, tr
 from timm_gmix.training.checkpoint import LAST, RECOVERY, RunLock, load_state, newest_state, save_state
 from timm_gmix.training.errors import main_guard
 
-# DG-Mix (numpy's RNG draws lam), random crops and flips drawn in 2 worker processes, warmup then cosine
-# (the scheduler's state), EMA, recovery points every 2 updates, a full step every 3 with LookSAM's reused
-# direction (SAM's update count and g_v): everything a resume has to restore.
+# DG-Mix (numpy's RNG draws lam), random crops and flips drawn in 2 worker processes, random erasing on the
+# device (the main process's RNG), warmup then cosine (the scheduler's state), EMA, recovery points every 2
+# updates, a full step every 3 with LookSAM's reused direction (SAM's update count and g_v): everything a resume
+# has to restore.
 RUN = [*SMALL_RUN, *DG_MIX, '--workers', '2', '--epochs', '3', '--sched', 'cosine', '--warmup-epochs', '1',
-       '--lr', '0.05', '--model-ema', '--recovery-interval', '2', '--sam-interval', '3', '--sam-reuse', '0.5']
+       '--lr', '0.05', '--model-ema', '--recovery-interval', '2', '--sam-interval', '3', '--sam-reuse', '0.5',
+       '--reprob', '0.25']
 STEPS_PER_EPOCH = 6  # 108 images in batches of 16, the last one dropped
 META = {'model': 'resnet10t', 'num_classes': 10, 'opt': 'gmix_sam', 'sam_base': 'sgd'}
 

@@ -219,7 +219,7 @@ def test_command_measures_an_exported_model(exported, tmp_path):
 
     # the same numbers from the library, on the first 7 test digits through the model's eval transform
     model = timm.create_model(f'local-dir:{exported}', pretrained=True)
-    args = parse_args(['--dataset', 'digits', '--val-split', 'test'])
+    args = parse_args(['--dataset', 'digits', '--val-split', 'test', '--no-prefetcher'])  # float, normalized
     train, test, _ = load_splits(args)
     _, dataset, data_config = with_transforms(train, test.select(range(7)), args, model)
     assert data_config['input_size'] == (3, 16, 16)
@@ -272,7 +272,7 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     (row,) = bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows
 
     model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True)
-    args = parse_args(argv)
+    args = parse_args([*argv, '--no-prefetcher'])
     train, _, _ = load_splits(args)
     _, dataset, _ = with_transforms(train, train.select(range(5)), args, model)
     batches = [(torch.stack([dataset[i][0] for i in range(5)]), torch.tensor([dataset[i][1] for i in range(5)]))]

@@ -288,7 +288,7 @@ def eval_batches(model, train_argv, training: bool = False, num_examples: int = 
     from timm_gmix.training.errors import UsageError
     from timm_gmix.training.loader import with_transforms
 
-    args = parse_args(train_argv)
+    args = parse_args([*train_argv, '--no-prefetcher'])  # float batches, normalized as the model takes them
     train, val, num_classes = load_splits(args)
     if num_classes > model.num_classes:
         raise UsageError(f'the data has {num_classes} classes but the model predicts {model.num_classes}: '

@@ -1,7 +1,8 @@
 """ Datasets for train.py, all through Hugging Face `datasets` and timm's transforms.
 
     --dataset '' with DIR         timm's default: an image folder DIR/<split>/<class>/<image>, DIR from
-                                  `train.py DIR` or --data-dir; val/ or valid/ count as validation
+                                  `train.py DIR` or --data-dir, found as timm's folder reader finds it;
+                                  val/, valid/, eval/ count as validation
     --dataset folder              the same (an alias)
     --dataset digits              built in: scikit-learn's 1,797 real 8x8 handwritten digits, no download;
                                   fixed train / validation / test split (60/20/20)
@@ -71,8 +72,7 @@ def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False):
         if not Path(data_dir).is_dir():
             raise UsageError(f'--data-dir {data_dir} is not a folder: give an image folder with one subfolder per '
                              f'split (train/, validation/), each with one subfolder of images per class')
-        # labels even from one class folder, so that the one-class check can name it
-        return _load(data_dir, datasets.load_dataset, 'imagefolder', data_dir=data_dir, drop_labels=False)
+        return image_folder(data_dir)
     if name.lower().startswith(TIMM_READERS):
         raise UsageError(f'--dataset {name}: timm\'s {name.split("/")[0]}/ datasets are not read here; use '
                          f'{READ_HERE}')
@@ -98,6 +98,43 @@ def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False):
     if '/' in name or Path(name).suffix:
         raise UsageError(f'dataset folder {name} does not exist: check --dataset (a Hub dataset is hfds/<name>)')
     raise UsageError(f'unknown --dataset {name!r}: use {READ_HERE}')
+
+
+SPLIT_FOLDERS = {'train': ('train', 'training'), 'validation': ('validation', 'val', 'valid', 'eval', 'evaluation'),
+                 'test': ('test', 'testing')}  # timm's split synonyms
+
+
+def image_folder(root):
+    """ timm's image folder, ROOT/<split>/<class>/.../<image>, read as timm's folder reader reads it (its
+    `find_images_and_targets`: image files by extension, the class from the leaf folder's name) into a
+    DatasetDict of image paths and labels. The classes are shared by all splits: every class folder of any split,
+    empty ones included (so that a class without training images can be named), in timm's natural order. """
+    import datasets
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+    from timm.utils.misc import natural_key
+
+    root = Path(root)
+    folders = {}
+    for split, names in SPLIT_FOLDERS.items():
+        folders.update({split: root / name for name in reversed(names) if (root / name).is_dir()})
+    folders.update({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and p.name not in
+                    {name for names in SPLIT_FOLDERS.values() for name in names}})
+    found = {split: find_images_and_targets(str(folder), class_to_idx=None) for split, folder in folders.items()}
+    found = {split: (images, idx) for split, (images, idx) in found.items() if images}
+    if not found:
+        raise UsageError(f'could not read the data in {root} (no image files in its subfolders): give image '
+                         f'subfolders per split and class, DIR/train/<class>/<image>')
+    names = {name for _, idx in found.values() for name in idx}
+    names |= {p.name for split in found for p in folders[split].iterdir() if p.is_dir()}
+    names = sorted(names, key=natural_key)
+    features = datasets.Features({'image': datasets.Image(decode=False), 'label': datasets.ClassLabel(names=names)})
+    splits = {}
+    for split, (images, idx) in found.items():
+        name_of = {i: name for name, i in idx.items()}
+        splits[split] = datasets.Dataset.from_dict(
+            {'image': [{'path': path, 'bytes': None} for path, _ in images],
+             'label': [names.index(name_of[i]) for _, i in images]}, features=features, split=split)
+    return datasets.DatasetDict(splits)
 
 
 def _load(folder, fn, *args, **kwargs):
@@ -304,6 +341,18 @@ class ImageClassification(torch.utils.data.Dataset):
             if image is not None:
                 return self.transform(image), row[self.label_column]
         raise UsageError('no image of the split can be read: fix the images or the image column')
+
+    def __getitems__(self, indices, before=None):
+        """ The examples at `indices`, in order, read from the data in one go (what a loader asks for a batch);
+        `before(i)`, if given, is called before the i-th is decoded and transformed (to seed its augmentation). """
+        rows = self.split[list(indices)]
+        examples = []
+        for i, (index, value, label) in enumerate(zip(indices, rows[self.image_column], rows[self.label_column])):
+            if before is not None:
+                before(i)
+            image = self._image(value, index)
+            examples.append(self[(index + 1) % len(self)] if image is None else (self.transform(image), label))
+        return examples
 
 
 def _split(dsets, name, flag):
