@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One command on one CUDA GPU, under 8 minutes: the CUDA tests, then benchmarks/speed.py on the GPU.
+# One command on one CUDA GPU, under 8 minutes: the CUDA tests, benchmarks/speed.py on the GPU, and train.py
+# against timm's own train.py (benchmarks/vs_timm.py) when TIMM_TRAIN names timm's train.py.
 #
-#   bash benchmarks/gpu_check.sh
+#   TIMM_TRAIN=benchmarks/cache/timm/train.py bash benchmarks/gpu_check.sh
+#   (the device tool: carry benchmarks/cache/timm, which git ignores)
 #
 # Writes to benchmarks/results/:
 #   gpu_tests.txt                          python -m pytest -m cuda tests/test_cuda.py
 #   gpu_<model>_<precision>[_compile].md   step time ratios, images/s, peak memory: resnet50 and
 #                                          vit_small_patch16_224, 224x224, batch 128, bf16 and fp16, eager and compiled
 #   gpu_efficient_<model>_bf16.md/.json    the cheaper G-Mix settings (interval, LookSAM reuse, MSAM) in bf16
-#   gpu_overhead.md                        train.py against a bare loop on the GPU (float32, built-in digits)
+#   vs_timm_gpu-resnet18.md/.json          train.py against timm's train.py, resnet18 32x32 batch 256 from an
+#                                          image folder (the data pipeline decides), and
+#   vs_timm_gpu-resnet50.md/.json          resnet50 224x224 batch 128 bf16, channels-last, timm's prefetcher
+#   gpu_compile_vs_timm.md                 train.py --torchcompile (inductor) against timm's --torchcompile, with
+#                                          the compile time of the first epoch apart
 # (GPU_CHECK_RESULTS=DIR writes them there instead.) Every run gets what is left of a time budget (GPU_CHECK_BUDGET
 # seconds, default 450); a run that fails or runs out of time writes the failure into its own file and the others
 # still run. Compiled runs come last: inductor
@@ -85,9 +91,20 @@ for model in resnet50 vit_small_patch16_224; do
         --warmup 3 --modes $EFFICIENT_MODES --out "$out" --json "${out%.md}.json"
 done
 
-rm -f "$RESULTS/gpu_overhead.md"
-run "$RESULTS/gpu_overhead.md" 40 "$PY" benchmarks/speed.py --overhead --device cuda --rounds 3 \
-    --out "$RESULTS/gpu_overhead.md"
+if [[ -n "${TIMM_TRAIN:-}" ]]; then
+    for preset in gpu-resnet18 gpu-resnet50; do
+        out="$RESULTS/vs_timm_${preset}.md"
+        rm -f "$out"
+        run "$out" 120 "$PY" benchmarks/vs_timm.py --timm-train "$TIMM_TRAIN" --preset "$preset" --rounds 2 \
+            --methods sgd_mixup g dg msam_g dg_every_8 --out "$out"
+    done
+    out="$RESULTS/gpu_compile_vs_timm.md"
+    rm -f "$out"
+    run "$out" 120 "$PY" benchmarks/vs_timm.py --timm-train "$TIMM_TRAIN" --preset gpu-resnet50 --rounds 1 \
+        --methods sgd_mixup g dg --compile --out "$out"
+else
+    echo "TIMM_TRAIN is not set: the comparison with timm's train.py is skipped"
+fi
 
 # Compiled: the modes whose graphs differ (sam shares g's); 3 warm-up steps compile every pass of dg.
 for model in resnet50 vit_small_patch16_224; do

@@ -2,14 +2,13 @@
 
     python benchmarks/speed.py                                  # resnet18, 32x32, batch 64
     python benchmarks/speed.py --model vit_tiny_patch16_224 --img-size 224 -b 32
-    python benchmarks/speed.py --overhead                       # train.py against a bare loop, digits data
     python benchmarks/speed.py --device cuda --model resnet50 --img-size 224 -b 128 --precision bf16 --compile
     python benchmarks/speed.py --modes sgd_mixup g g:perturb=momentum dg dg:interval=8,reuse=0.7 --json r.json
 
-A mode is a name with optional SAM options after a colon: `sgd` (no mixing), `sgd_mixup`, `sgd_mixup_guarded`
-(the same through `gmix_step`, as train.py runs it: with the undo buffers and finiteness checks that every G-Mix
-mode pays too), `naive_sam`, `sam` (no mixing), `g`, `bg`, `dg`; options `interval=K`, `reuse=ALPHA`,
-`perturb=momentum`, `adaptive` (ASAM).
+A mode is a name with optional options after a colon: `sgd` (no mixing), `sgd_mixup`, `sgd_mixup_guarded`
+(the same through `gmix_step`, as train.py runs it, with the step guard that every G-Mix mode pays too),
+`naive_sam`, `sam` (no mixing), `g`, `bg`, `dg`; SAM options `interval=K`, `reuse=ALPHA`, `perturb=momentum`,
+`adaptive` (ASAM); `guard=undo` for the modes through `gmix_step` (default: skip).
 A mode with interval K is timed over a multiple of K steps per round, so each round holds its share of full
 steps. `--opt` is the optimizer of the plain modes and the one SAM wraps.
 
@@ -29,9 +28,8 @@ accelerator), and `--compile` runs every mode on `torch.compile(model)` (inducto
 raise `--warmup` if a mode still compiles in the timed rounds). The GPU table adds images per second and the
 absolute peak memory of a step.
 
-`--overhead` measures train.py itself: its training images per second with SGD and timm's Mixup on the built-in
-digits (the rate it prints per epoch, validation and checkpointing excluded) against a bare loop over the same
-model, data pipeline and batch size, interleaved round by round.
+train.py as a whole (data, start-up, checkpoints) is measured against timm's own train.py by
+benchmarks/vs_timm.py.
 """
 import argparse
 import contextlib
@@ -97,7 +95,7 @@ def sgd_mixup_step(model, optimizer, mixup_fn, x, y, accelerator=None):
 
 MODES = ('sgd_mixup', 'naive_sam', 'sam', 'g', 'bg', 'dg')  # the default list
 NAMES = ('sgd', 'sgd_mixup_guarded', *MODES)
-SAM_OPTIONS = {'interval': int, 'reuse': float, 'perturb': str, 'adaptive': bool}
+SAM_OPTIONS = {'interval': int, 'reuse': float, 'perturb': str, 'adaptive': bool, 'guard': str}
 REFERENCE = 'sgd_mixup'  # every ratio divides by it; naive_sam and g get a column too when they are run
 
 
@@ -109,8 +107,10 @@ def parse_mode(spec: str):
     parsed = {}
     for option in filter(None, options.split(',')):
         key, _, value = option.partition('=')
-        if key not in SAM_OPTIONS or name not in ('sam', 'g', 'bg', 'dg'):
-            raise ValueError(f'{spec!r}: the SAM modes (sam, g, bg, dg) take {", ".join(SAM_OPTIONS)}')
+        allowed = list(SAM_OPTIONS) if name in ('sam', 'g', 'bg', 'dg') else \
+            ['guard'] if name == 'sgd_mixup_guarded' else []
+        if key not in allowed:
+            raise ValueError(f'{spec!r}: {name} takes {", ".join(allowed) or "no options"}')
         parsed[key] = True if SAM_OPTIONS[key] is bool else SAM_OPTIONS[key](value)
     return name, parsed
 
@@ -131,20 +131,20 @@ def build_modes(args, device, accelerator=None):
             model, optimizer = accelerator.prepare(model, optimizer)
         return (torch.compile(model) if args.compile else model), optimizer
 
-    def gmix(mode, mixup=True, adaptive=False, **options):
+    def gmix(mode, mixup=True, adaptive=False, guard='skip', **options):
         model, opt = make('gmix_sam', base=args.opt, rho=2.0 if adaptive else 0.05, adaptive=adaptive, **options)
         mixup_fn = timm_gmix.GMixup(**mix, mode=mode, gmix_ratio=args.gamma) if mixup else None
-        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, accelerator=accelerator)
+        return lambda x, y: timm_gmix.gmix_step(model, opt, x, y, mixup_fn, accelerator=accelerator, guard=guard)
 
     def plain(step_fn, mixup=True):
         model, optimizer = make(args.opt)
         mixup_fn = Mixup(**mix) if mixup else None
         return lambda x, y: step_fn(model, optimizer, mixup_fn, x, y, accelerator)
 
-    def guarded():
+    def guarded(guard='skip'):
         model, optimizer = make(args.opt)
         mixup_fn = Mixup(**mix)
-        return lambda x, y: timm_gmix.gmix_step(model, optimizer, x, y, mixup_fn, accelerator=accelerator)
+        return lambda x, y: timm_gmix.gmix_step(model, optimizer, x, y, mixup_fn, accelerator=accelerator, guard=guard)
 
     builders = {
         'sgd': lambda: plain(sgd_mixup_step, mixup=False),
@@ -194,71 +194,6 @@ def peak_memory(step, batch, device) -> float:
     return float(max(sum(s) for s in sizes))
 
 
-OVERHEAD_FLAGS = ['-c', 'configs/digits.yaml', '--opt', 'sgd', '--mixup', '0.8', '--mixup-mode', 'batch']
-
-
-def bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device) -> float:
-    """ One epoch of the loop a user writes by hand: to the device, mix, forward, backward, step. """
-    start, images = time.perf_counter(), 0
-    for x, y in loader:
-        sgd_mixup_step(model, optimizer, mixup_fn, x.to(device), y.to(device))
-        images += len(x)
-    synchronize(device)
-    return images / (time.perf_counter() - start)
-
-
-def train_py_images_per_sec(flags) -> float:
-    """ Run train.py (in this process) for two epochs; the rate it printed for the second. """
-    import contextlib
-    import io
-    import re
-    from accelerate.state import AcceleratorState
-    import train
-
-    AcceleratorState._reset_state(True)
-    out = io.StringIO()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(out):
-        train.main([*flags, '--epochs', '2', '--warmup-epochs', '0', '--output', tmp])
-    return float(re.findall(r'train (\d+) img/s', out.getvalue())[-1])
-
-
-def overhead(args):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from timm_gmix.training.args import parse_args
-    from timm_gmix.training.data import load_splits
-    from timm_gmix.training.loader import with_transforms
-
-    device = torch.device(args.device)
-    flags = [*OVERHEAD_FLAGS, '-b', str(args.batch_size), '--workers', '0', '--device', device.type]
-    cfg = parse_args(flags)
-    train_split, val_split, num_classes = load_splits(cfg)
-    model = timm.create_model(cfg.model, num_classes=num_classes).to(device).train()
-    train_set, _, _ = with_transforms(train_split, val_split, cfg, model)
-    loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, shuffle=True, drop_last=True)
-    optimizer = create_optimizer_v2(model, opt='sgd', lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mixup_fn = Mixup(mixup_alpha=cfg.mixup, label_smoothing=cfg.smoothing, num_classes=num_classes)
-    bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device)  # warm-up
-    bare, script = [], []
-    for _ in range(args.rounds):
-        bare.append(bare_loop_images_per_sec(model, optimizer, loader, mixup_fn, device))
-        script.append(train_py_images_per_sec(flags))
-    ratio = statistics.median(t / b for t, b in zip(script, bare))
-    lines = [
-        f'train.py against a bare loop: `{cfg.model}` {cfg.img_size}x{cfg.img_size} on the built-in digits, '
-        f'SGD + timm Mixup, batch {cfg.batch_size}, {args.rounds} interleaved rounds; '
-        f'{device.type} ({machine_name(device)}), torch {torch.__version__}.',
-        '',
-        f'Command: `python benchmarks/speed.py {" ".join(sys.argv[1:])}`',
-        '',
-        '| loop | training images/s (median) |',
-        '| --- | ---: |',
-        f'| bare loop | {statistics.median(bare):.0f} |',
-        f'| train.py | {statistics.median(script):.0f} |',
-        f'| train.py / bare loop (median of per-round ratios) | {ratio:.3f} |',
-    ]
-    return lines
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', default='resnet18')
@@ -279,7 +214,6 @@ def main():
     parser.add_argument('--opt', default='sgd', help="the plain modes' optimizer and the one SAM wraps")
     parser.add_argument('--modes', nargs='+', default=list(MODES),
                         help=f'mode specs (see above; fewer compile faster with --compile); {REFERENCE} is needed')
-    parser.add_argument('--overhead', action='store_true', help="measure train.py's own overhead instead")
     parser.add_argument('--out', default=None, help='write the Markdown table here')
     parser.add_argument('--json', default=None, help='write {mode: step time / sgd_mixup} here')
     args = parser.parse_args()
@@ -289,11 +223,6 @@ def main():
         parser.error(str(e))
     if REFERENCE not in args.modes:
         parser.error(f'--modes must include {REFERENCE}, the reference of every ratio')
-    if args.overhead:
-        if args.precision != 'no' or args.compile or args.channels_last:
-            parser.error('--overhead measures float32 eager training: drop --precision, --compile, --channels-last')
-        return write(overhead(args), args.out)
-
     device = torch.device(args.device)
     modes = build_modes(args, device, make_accelerator(args, device))
     torch.manual_seed(args.seed)

@@ -16,6 +16,8 @@ upscaled). Two figures per run:
   the first batch fetched to the last update (validation and checkpoints excluded);
 - the whole run's wall time, measured from outside: start-up, data, every epoch, validation, checkpoints and,
   for train.py, the exported model.
+With --compile both scripts get --torchcompile (inductor): the first epoch, which compiles, is reported apart,
+and images/s are those of the later epochs.
 The ratios are taken within each round (so drift in machine speed cancels) and their medians reported against
 the targets of issue 18: train.py's SGD + Mixup at least 0.97 of timm's images/s and at most 1.10 of its wall
 time; a G-Mix step at most 2.05 of timm's SGD + Mixup step, DG-Mix at most 2.4, MSAM G-Mix and DG-Mix every 8th
@@ -91,7 +93,7 @@ def image_folder(side: int, num_train: int, num_val: int) -> Path:
 
 
 def run(cmd, is_timm: bool) -> tuple:
-    """ (training images/s averaged over epochs, wall seconds) of one run, which must succeed. """
+    """ (training images/s of each epoch, wall seconds) of one run, which must succeed. """
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         proc = subprocess.run([*cmd, '--output', out], cwd=ROOT, capture_output=True, text=True)
@@ -109,7 +111,7 @@ def run(cmd, is_timm: bool) -> tuple:
         rates = [float(r) for r in OURS_RATE.findall(text)]
     if not rates:
         raise SystemExit(f'no training rate in the output of {" ".join(cmd)}:\n{text[-3000:]}')
-    return statistics.mean(rates), wall
+    return rates, wall
 
 
 def main():
@@ -119,28 +121,32 @@ def main():
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     parser.add_argument('--seed', type=int, default=0, help='of the shuffled order of the runs in a round')
+    parser.add_argument('--compile', action='store_true', help='--torchcompile (inductor) on both sides')
     parser.add_argument('--out', default=None, help='Markdown file (default benchmarks/results/vs_timm_<preset>.md)')
     args = parser.parse_args()
     if not Path(args.timm_train).is_file():
         parser.error(f'--timm-train {args.timm_train} is not a file: give the train.py of a timm checkout')
     side, num_train, num_val, flags = PRESETS[args.preset]
     data = image_folder(side, num_train, num_val)
-    common = [str(data), *flags, '--num-classes', '10']
+    common = [str(data), *flags, '--num-classes', '10', *(['--torchcompile'] if args.compile else [])]
     runs = {'timm': [sys.executable, str(Path(args.timm_train).resolve()), *common]}
     runs.update({m: [sys.executable, str(ROOT / 'train.py'), *common, *METHODS[m]] for m in args.methods})
     order = random.Random(args.seed)
-    results = {name: [] for name in runs}
+    epochs = {name: [] for name in runs}  # [(images/s of each epoch, wall s)] per round
     for r in range(args.rounds):
         names = list(runs)
         order.shuffle(names)
         for name in names:
-            results[name].append(run(runs[name], is_timm=name == 'timm'))
-            print(f'round {r + 1}/{args.rounds} {name}: {results[name][-1][0]:.0f} img/s, '
-                  f'{results[name][-1][1]:.1f} s', flush=True)
-    report(args, results, runs)
+            epochs[name].append(run(runs[name], is_timm=name == 'timm'))
+            print(f'round {r + 1}/{args.rounds} {name}: {epochs[name][-1]}', flush=True)
+    # images/s: the mean over epochs; compiled, over the epochs after the first, which compiles
+    first = 1 if args.compile else 0
+    results = {name: [(statistics.mean(rates[first:] or rates), wall) for rates, wall in rows]
+               for name, rows in epochs.items()}
+    report(args, results, runs, epochs if args.compile else None, num_train)
 
 
-def report(args, results, runs):
+def report(args, results, runs, epochs=None, num_train=0):
     timm = results['timm']
 
     def ratios(name, figure):
@@ -183,6 +189,11 @@ def report(args, results, runs):
             f' | {figures["images/s"]:.3f} | {figures["step"]:.3f} | {figures["wall"]:.3f} | '
             f'{", ".join(f"{f} {op} {t}" for f, op, t in targets)} | '
             f'{"" if not targets else "yes" if all(met) else "no"} |')
+    if epochs is not None:
+        lines += ['', 'Compilation: the first epoch against the later ones (median over rounds), seconds:', '']
+        lines += [f'- {name}: first epoch {statistics.median(num_train / rates[0] for rates, _ in rows):.1f} s, a later '
+                  f'epoch {statistics.median(num_train / statistics.mean(rates[1:]) for rates, _ in rows):.1f} s'
+                  for name, rows in epochs.items() if all(len(rates) > 1 for rates, _ in rows)]
     lines += ['', 'Every run (images/s, wall s), by round:', '']
     lines += [f'- {name}: ' + ', '.join(f'({r[0]:.0f}, {r[1]:.1f})' for r in rows) for name, rows in results.items()]
     out = Path(args.out or ROOT / 'benchmarks' / 'results' / f'vs_timm_{args.preset}.md')

@@ -58,6 +58,11 @@ class MixedBatch:
         weight 1 (`bg`), or its constituents x_i and x_partner(i) with weights lam_i and 1 - lam_i
         (`dg`); a clean example needed twice is forwarded once with the summed weight.
         With nothing flagged this is the mixed batch itself, in order.
+
+        A `bg` batch always has B rows. A `dg` batch has B - F mixed and F to 2F clean rows (F flagged): it is
+        padded with rows of weight 0 (copies of its last row) to B + k * ceil(F / 4) rows, k = 0..4, so that a
+        compiled model or cuDNN meets at most five shapes. Padding changes no loss or gradient, but under
+        BatchNorm in training mode its rows take part in the batch statistics.
         """
         keep = ~flagged
         if not flagged.any():
@@ -75,6 +80,13 @@ class MixedBatch:
         inputs = torch.cat([self.inputs[keep], self.clean_inputs[needed]])
         targets = torch.cat([self.targets[keep], self.clean_targets[needed]])
         weights = torch.cat([torch.ones(int(keep.sum()), device=clean_weight.device), clean_weight[needed]])
+        if mode == 'dg':
+            num_flagged = len(self.inputs) - int(keep.sum())
+            step = -(-num_flagged // 4)
+            padding = -(len(inputs) - len(self.inputs)) % step
+            last = torch.full((padding,), len(inputs) - 1, device=inputs.device)
+            inputs, targets = torch.cat([inputs, inputs[last]]), torch.cat([targets, targets[last]])
+            weights = torch.cat([weights, weights.new_zeros(padding)])
         return inputs, targets, weights
 
 
