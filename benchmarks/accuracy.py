@@ -1,34 +1,42 @@
-""" Accuracy benchmark: ERM, Mixup, CutMix, SAM, ASAM, G-Mix, BG-Mix, DG-Mix and the cheaper G-Mix settings on
-three arms of the built-in digits, with a Pareto plot of test accuracy against step time.
+""" Accuracy benchmark: ERM, Mixup, CutMix, SAM, ASAM, G-Mix, BG-Mix, DG-Mix and the cheaper G-Mix settings on the
+built-in digits, with a positive control, tuning that reaches each method's region, and paired intervals.
 
-    python benchmarks/accuracy.py                 # about 2 h 10 min on 2 CPU cores; stop and rerun to continue
+    python benchmarks/accuracy.py                 # hours on 2 CPU cores; stop and rerun to continue
     python benchmarks/accuracy.py --speed         # then each method's step time (alone: nothing else running)
     python benchmarks/accuracy.py --report-only   # rebuild the tables and plots from the CSV and JSON files
 
 Arms (each its own model, data and schedule, the same for every method of the arm):
+    control    the positive control: resnet10t at 32x32, SGD, CONTROL_EPOCHS epochs on the whole training split
+               (1,078 images) with 40% symmetric label noise, long enough for ERM to fit the noise. Mixup (Zhang et
+               al., 2018) and SAM (Foret et al., 2021) are reported to help a lot there; if the benchmark cannot see
+               SAM > ERM and Mixup > ERM by a paired interval here, it cannot rank the methods elsewhere
     cnn        resnet10t at 32x32, SGD, 12 epochs, on a fixed 20% of the digits' training split (216 images)
     cnn-noisy  the same CNN, 20 epochs, on a fixed 10% of the training split (108 images) with 20% symmetric label
-               noise: exactly 22 labels replaced by a uniformly drawn different class (fixed seed); validation and
-               test clean. Built once as a `save_to_disk` DatasetDict in benchmarks/cache/ and read by train.py
-               through its usual `--dataset <folder>` path (train.py has no label-noise flag, as timm's has none)
+               noise
     vit        test_vit with depth 2 at 32x32 (4x4 patches, 64 tokens), AdamW, 20 epochs, on the whole training split
-               (1,078 images), so that ERM learns (90.5% test top-1 over 5 seeds; with 8 epochs its tuning runs
-               reached 40-62% validation, so 8 is not enough)
+A noisy split replaces exactly round(noise x N) labels by a uniformly drawn different class (fixed seed);
+validation and test stay clean. It is built once as a `save_to_disk` DatasetDict in benchmarks/cache/ and read by
+train.py through its usual `--dataset <folder>` path (train.py has no label-noise flag, as timm's has none).
 
-The CNN arms' epochs are what fits the 2-core machine: 198 runs of 25-120 s each, about 75 minutes with two
-workers. The vit arm adds 99 runs of 45-105 s (about an hour more): `--arms` picks the arms to run.
-
-Protocol: every run goes through train.py itself (`train.main`). Each method has the same number of tuning
-configurations (4) and the same tuning seed; the configuration with the best validation accuracy is kept
-(first listed wins a tie), then `--seeds` runs report test accuracy at the last epoch (no selection on test).
-ERM, which has no hyperparameter of its own, tunes the learning rate (x0.5 to x4 the arm's). The cheaper settings
-tune the same way; MSAM (a perturbation along the momentum) tunes larger radii, as its paper does.
+Tuning, the same rule for every method (validation split, one tuning seed):
+- one-parameter methods start from a grid of four values (ERM tunes the learning rate: x0.5 to x4 the arm's);
+- two-parameter methods start from the one-parameter methods' choices: rho from SAM's (MSAM: ten times it; its
+  radii are of that order), alpha from Mixup's (CutMix's for none here), LookSAM's reuse alpha from 0.1, each
+  with its half and its double (3 x 3 configurations; LookSAM keeps Mixup's alpha);
+- a choice at an edge of what was tried extends that flag one step past the edge (halve or double), the other
+  flags at their chosen values, until the choice is interior or at a hard limit (HARD_LIMITS). Every extension
+  is a row of the CSV; the report lists the values each method ended with.
+The budget differs between methods; the report gives the configurations each tried. The chosen configuration
+(best validation accuracy, first tried wins a tie) then trains with seeds 1..N and reports test accuracy at the
+last epoch. Runs of different methods with one seed share the data order and the initialization, so the
+report compares them per seed: each method minus ERM, minus Mixup and minus SAM, with a paired 95% t interval;
+"not separable" where the interval holds 0.
 
 Each final run's exported model is kept in benchmarks/cache/accuracy/<arch>/<method>/seed<k>/ (model/ and
 run.json) for benchmarks/sharpness.py. Step times come from benchmarks/speed.py on each arm's model, batch and
 optimizer (`--speed`, results/speed_<arch>.json), relative to train.py's own SGD + Mixup step (`gmix_step` with
-its undo and finiteness checks, which every method here pays). Each run's result is appended to the CSV as it
-finishes; a rerun skips what is already there.
+the default step guard, which every method here pays). Each run's result is appended to the CSV as it finishes;
+a rerun skips what is already there.
 """
 import argparse
 import csv
@@ -51,48 +59,57 @@ from runs_csv import RunsCSV
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
 CACHE = ROOT / 'benchmarks' / 'cache'
-NOISY_DIGITS = CACHE / 'digits_10pct_20pct_noise'
+# name: (fraction of the digits' training split, label noise)
+NOISY_DIGITS = {'digits_10pct_20pct_noise': (0.1, 0.2), 'digits_all_40pct_noise': (1.0, 0.4)}
 
+# Validated (and saved) at the last epoch only: what the benchmark reports, and nothing else changes the run.
 COMMON = ['--warmup-epochs', '1', '--sched', 'cosine', '--workers', '0', '--smoothing', '0.1', '--hflip', '0',
-          '--scale', '0.8', '1.0', '--color-jitter', '0']
+          '--scale', '0.8', '1.0', '--color-jitter', '0', '--val-interval', '1000']
 CNN = ['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--lr', '0.05', '--weight-decay', '5e-4']
+CNN_SPEED = ['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--opt', 'sgd']
 VIT_KWARGS = dict(img_size=32, patch_size=4, class_token=False, depth=2)
-# Per arm: train.py flags shared by every method, the optimizer, and speed.py's flags for the same step.
+CONTROL_EPOCHS = 30
+# Per arm: train.py flags shared by every method, the optimizer, its lr, the speed.py flags of the same step (None:
+# the cnn arm's), the seeds of the final runs and the methods run (None: all).
 ARCHS = {
+    'control': dict(argv=['--dataset', str(CACHE / 'digits_all_40pct_noise'), *CNN, '--epochs', str(CONTROL_EPOCHS)],
+                    base='sgd', lr=0.05, speed=None, seeds=5, methods=('ERM', 'Mixup', 'SAM', 'G-Mix')),
     'cnn': dict(argv=['--dataset', 'digits', '--train-subset', '0.2', *CNN, '--epochs', '12'], base='sgd', lr=0.05,
-                speed=['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--opt', 'sgd']),
-    'cnn-noisy': dict(argv=['--dataset', str(NOISY_DIGITS), *CNN, '--epochs', '20'], base='sgd', lr=0.05,
-                      speed=None),  # the cnn arm's step
+                speed=CNN_SPEED, seeds=10, methods=None),
+    'cnn-noisy': dict(argv=['--dataset', str(CACHE / 'digits_10pct_20pct_noise'), *CNN, '--epochs', '20'],
+                      base='sgd', lr=0.05, speed=None, seeds=10, methods=None),
     'vit': dict(argv=['--dataset', 'digits', '--model', 'test_vit', '--img-size', '32', '-b', '32', '--model-kwargs',
                       *[f'{k}={v}' for k, v in VIT_KWARGS.items()], '--gp', 'avg', '--epochs', '20',
                       '--warmup-epochs', '2', '--lr', '2e-3', '--weight-decay', '0.05'], base='adamw', lr=2e-3,
                 speed=['--model', 'test_vit', '--model-kwargs', json.dumps({**VIT_KWARGS, 'global_pool': 'avg'}),
-                       '--img-size', '32', '-b', '32', '--opt', 'adamw']),
+                       '--img-size', '32', '-b', '32', '--opt', 'adamw'], seeds=5, methods=None),
 }
-ALPHAS = (0.1, 0.2, 0.5, 1.0)
-GMIX_GRID = {'--rho': (0.02, 0.05), '--mixup': (0.2, 1.0)}
-MSAM_GRID = {'--rho': (0.2, 0.5), '--mixup': (0.2, 1.0)}
-# LookSAM's alpha decides whether it works at all here: 0.7, its paper's ViT value, gave G-Mix every 8th 76%
-# validation (95.5% without reuse); with 0.1 DG-Mix every 8th kept 95.3%. Its step time does not depend on alpha.
-LOOKSAM_GRID = {'--rho': (0.02, 0.05), '--sam-reuse': (0.1, 0.3)}
 SAM = ['--opt', 'gmix_sam', '--sam-base', '{base}']
-# method -> (fixed flags, {flag: values to tune} (4 configurations each), speed.py mode of its step)
+# method -> (fixed flags, where its tuned flags start, speed.py mode of its step). A start is a tuple of values (a
+# one-parameter grid), or (method, flag, scale): the value another method chose for `flag`, times `scale`.
 METHODS = {
     'ERM': (['--opt', '{base}'], {'--lr': ('x0.5', 'x1', 'x2', 'x4')}, 'sgd_mixup_guarded'),
-    'Mixup': (['--opt', '{base}'], {'--mixup': ALPHAS}, 'sgd_mixup_guarded'),
-    'CutMix': (['--opt', '{base}'], {'--cutmix': ALPHAS}, 'sgd_mixup_guarded'),
+    'Mixup': (['--opt', '{base}'], {'--mixup': (0.1, 0.2, 0.5, 1.0)}, 'sgd_mixup_guarded'),
+    'CutMix': (['--opt', '{base}'], {'--cutmix': (0.1, 0.2, 0.5, 1.0)}, 'sgd_mixup_guarded'),
     'SAM': (SAM, {'--rho': (0.01, 0.02, 0.05, 0.1)}, 'sam'),
     'ASAM': ([*SAM, '--asam'], {'--rho': (0.25, 0.5, 1.0, 2.0)}, 'sam:adaptive'),
-    'G-Mix': ([*SAM, '--mixup-mode', 'g'], GMIX_GRID, 'g'),
-    'BG-Mix': ([*SAM, '--mixup-mode', 'bg'], GMIX_GRID, 'bg'),
-    'DG-Mix': ([*SAM, '--mixup-mode', 'dg'], GMIX_GRID, 'dg'),
-    'G-Mix (MSAM)': ([*SAM, '--mixup-mode', 'g', '--sam-perturb', 'momentum'], MSAM_GRID, 'g:perturb=momentum'),
-    'DG-Mix (every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8'], GMIX_GRID, 'dg:interval=8'),
-    'DG-Mix (LookSAM, every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8', '--mixup', '0.2'],
-                                    LOOKSAM_GRID, 'dg:interval=8,reuse=0.1'),
+    'G-Mix': ([*SAM, '--mixup-mode', 'g'], {'--rho': ('SAM', 1), '--mixup': ('Mixup', 1)}, 'g'),
+    'BG-Mix': ([*SAM, '--mixup-mode', 'bg'], {'--rho': ('SAM', 1), '--mixup': ('Mixup', 1)}, 'bg'),
+    'DG-Mix': ([*SAM, '--mixup-mode', 'dg'], {'--rho': ('SAM', 1), '--mixup': ('Mixup', 1)}, 'dg'),
+    'G-Mix (MSAM)': ([*SAM, '--mixup-mode', 'g', '--sam-perturb', 'momentum'],
+                     {'--rho': ('SAM', 10), '--mixup': ('Mixup', 1)}, 'g:perturb=momentum'),
+    'DG-Mix (every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8'],
+                           {'--rho': ('SAM', 1), '--mixup': ('Mixup', 1)}, 'dg:interval=8'),
+    'DG-Mix (LookSAM, every 8th)': ([*SAM, '--mixup-mode', 'dg', '--sam-interval', '8'],
+                                    {'--rho': ('SAM', 1), '--sam-reuse': (0.1,), '--mixup': ('Mixup', 1, 'fixed')},
+                                    'dg:interval=8,reuse=0.1'),
 }
+# The smallest and largest value tuning may reach, per flag (lr: times the arm's).
+HARD_LIMITS = {'--lr': (1 / 16, 16), '--mixup': (0.025, 8.0), '--cutmix': (0.025, 8.0), '--rho': (0.005, 8.0),
+               '--sam-reuse': (0.0125, 1.6)}
 EXACT = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix')
-TUNING_SEEDS = (101,)  # apart from the reported seeds 1..N
+REFERENCES = ('ERM', 'Mixup', 'SAM')  # the paired comparisons
+TUNING_SEED = 101  # apart from the reported seeds 1..N
 SPEED_REFERENCE = 'sgd_mixup_guarded'
 FIELDS = ['arch', 'method', 'phase', 'hparams', 'seed', 'split', 'top1', 'loss', 'seconds']
 
@@ -101,16 +118,17 @@ def slug(method: str) -> str:
     return re.sub(r'[^a-z0-9]+', '-', method.lower()).strip('-')
 
 
-def run_key(arch, method, phase, hparams, seed):
-    return arch, method, phase, json.dumps(hparams, sort_keys=True), str(seed)
+def methods_of(arch):
+    return ARCHS[arch]['methods'] or tuple(METHODS)
 
 
-def build_noisy_digits(path=NOISY_DIGITS, fraction=0.1, noise=0.2, seed=0):
-    """ The cnn-noisy arm's data: a fixed `fraction` of the digits' training split, `noise` of its labels replaced
-    by a uniformly drawn different class; validation and test as they are. """
+def build_noisy_digits(name, fraction, noise, seed=0):
+    """ CACHE/name: a fixed `fraction` of the digits' training split, `noise` of its labels replaced by a uniformly
+    drawn different class; validation and test as they are. """
     import numpy as np
     from timm_gmix.training.data import SPLIT_SEED, digits_dataset
 
+    path = CACHE / name
     if (path / 'dataset_dict.json').is_file():
         return
     splits = digits_dataset()
@@ -120,18 +138,17 @@ def build_noisy_digits(path=NOISY_DIGITS, fraction=0.1, noise=0.2, seed=0):
     flipped = rng.choice(len(labels), size=round(noise * len(labels)), replace=False)
     labels[flipped] = (labels[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
     splits['train'] = train.remove_columns('label').add_column('label', labels.tolist()).cast(train.features)
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         splits.save_to_disk(tmp)
         shutil.copytree(tmp, path)
 
 
 def train_argv(arch, method, hparams, seed, split):
-    fixed, _, _ = METHODS[method]
-    base, lr = ARCHS[arch]['base'], ARCHS[arch]['lr']
-    tuned = {k: (f'{lr * float(v[1:]):g}' if isinstance(v, str) and v.startswith('x') else str(v))
-             for k, v in hparams.items()}
+    fixed = METHODS[method][0]
+    base = ARCHS[arch]['base']
     return [*COMMON, *ARCHS[arch]['argv'], *[a.format(base=base) for a in fixed],
-            *itertools.chain.from_iterable(tuned.items()), '--seed', str(seed), '--val-split', split]
+            *itertools.chain.from_iterable((k, f'{v:g}') for k, v in hparams.items()),
+            '--seed', str(seed), '--val-split', split]
 
 
 def train_once(arch, method, phase, hparams, seed, split):
@@ -156,78 +173,160 @@ def train_once(arch, method, phase, hparams, seed, split):
             shutil.copytree(Path(out) / 'run' / 'model', keep / 'model')
             (keep / 'run.json').write_text(json.dumps(dict(arch=arch, method=method, seed=seed, hparams=hparams,
                                                            argv=argv, test_top1=top1), indent=1) + '\n')
-    return dict(zip(FIELDS, (*run_key(arch, method, phase, hparams, seed)[:4], seed, split, top1,
-                             float(last['eval_loss']), round(time.time() - start, 1))))
+    return dict(arch=arch, method=method, phase=phase, hparams=json.dumps(hparams, sort_keys=True), seed=seed,
+                split=split, top1=top1, loss=float(last['eval_loss']), seconds=round(time.time() - start, 1))
 
 
 class Runner(RunsCSV):
     """ Runs jobs `workers` at a time, appending each result to the CSV as it finishes. """
 
-    def __init__(self, csv_path, workers, arms):
+    def __init__(self, csv_path, workers):
         super().__init__(csv_path, FIELDS)
         self.workers = workers
-        self.arms = arms
         self.started = time.time()
-        self.finished_here = 0
 
     def done(self, job):
-        return any(run_key(r['arch'], r['method'], r['phase'], json.loads(r['hparams']), r['seed']) == run_key(*job[:5])
-                   for r in self.rows)
+        arch, method, phase, hparams, seed, _ = job
+        key = (arch, method, phase, json.dumps(hparams, sort_keys=True), str(seed))
+        return any((r['arch'], r['method'], r['phase'], r['hparams'], r['seed']) == key for r in self.rows)
 
-    def run(self, jobs, total):
-        """ Run the jobs not yet in the CSV; `total` is the number of runs of the arms being trained. """
-        jobs = [j for j in jobs if not self.done(j)]
+    def run(self, jobs):
+        """ Run the jobs not yet in the CSV. """
+        jobs = list({json.dumps(j, sort_keys=True): j for j in jobs if not self.done(j)}.values())
         if not jobs:
             return
         with ProcessPoolExecutor(self.workers) as pool:
-            for future in as_completed([pool.submit(train_once, *job) for job in jobs]):
+            for n, future in enumerate(as_completed([pool.submit(train_once, *job) for job in jobs]), 1):
                 row = future.result()
                 self.append(row)
-                self.finished_here += 1
-                left = total - sum(r['arch'] in self.arms for r in self.rows)
-                eta = (time.time() - self.started) / self.finished_here * left / 60
-                print(f'[{len(self.rows)} runs done, {left} to go, ~{eta:.0f} min left] {row["arch"]} '
-                      f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: '
-                      f'{row["top1"]:.2f}% ({row["seconds"]}s)', flush=True)
+                print(f'[{n}/{len(jobs)} of this stage, {(time.time() - self.started) / 60:.0f} min] {row["arch"]} '
+                      f'{row["method"]} {row["phase"]} {row["hparams"]} seed {row["seed"]}: {row["top1"]:.2f}% '
+                      f'({row["seconds"]}s)', flush=True)
 
 
-def grid(tuned):
-    return [dict(zip(tuned, values)) for values in itertools.product(*tuned.values())]
+# ----------------------------------------------------------------------------------------------
+# Tuning
 
 
-def tuning_jobs(arms):
-    return [(arch, method, 'tune', hp, seed, 'validation') for arch in arms for method, (_, tuned, _) in METHODS.items()
-            for hp in grid(tuned) for seed in TUNING_SEEDS]
+def tuned(rows, arch, method):
+    """ {hparams json: validation accuracy} of the tuning runs so far, in the order they were run. """
+    return {r['hparams']: float(r['top1']) for r in rows
+            if r['arch'] == arch and r['method'] == method and r['phase'] == 'tune'}
 
 
 def chosen(rows, arch, method):
-    """ The configuration with the best mean validation accuracy over the tuning seeds (first listed wins a tie). """
-    accs = {}
-    for r in rows:
-        if r['arch'] == arch and r['method'] == method and r['phase'] == 'tune':
-            accs.setdefault(r['hparams'], []).append(float(r['top1']))
-    order = {json.dumps(hp, sort_keys=True): i for i, hp in enumerate(grid(METHODS[method][1]))}
-    best = max(accs, key=lambda hp: (statistics.mean(accs[hp]), -order[hp]))
-    return json.loads(best)
+    """ The tried configuration with the best validation accuracy (the first tried wins a tie). """
+    accs = tuned(rows, arch, method)
+    return json.loads(max(accs, key=accs.get)) if accs else None
 
 
-def final_jobs(rows, arms, seeds):
+def _value(arch, flag, value):
+    """ A start value as a number: 'x2' is twice the arm's lr. """
+    return ARCHS[arch]['lr'] * float(value[1:]) if isinstance(value, str) else float(value)
+
+
+def _limits(arch, flag):
+    low, high = HARD_LIMITS[flag]
+    return (low * ARCHS[arch]['lr'], high * ARCHS[arch]['lr']) if flag == '--lr' else (low, high)
+
+
+def start_grid(rows, arch, method):
+    """ The first configurations of `method`, or None while a method it starts from has not chosen yet. """
+    axes = {}
+    for flag, start in METHODS[method][1].items():
+        if start and isinstance(start[0], str) and start[0] in METHODS:
+            source = chosen(rows, arch, start[0])
+            if source is None or not is_settled(rows, arch, start[0]):
+                return None
+            center = source[flag if flag in source else next(iter(source))] * start[1]
+            axes[flag] = (center,) if 'fixed' in start else (center / 2, center, center * 2)
+        elif len(start) == 1:  # a one-value start of a two-parameter method: it and its half and double
+            axes[flag] = (start[0] / 2, start[0], start[0] * 2)
+        else:
+            axes[flag] = tuple(_value(arch, flag, v) for v in start)
+    for flag, values in axes.items():
+        low, high = _limits(arch, flag)
+        axes[flag] = tuple(sorted({min(max(v, low), high) for v in values}))
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def fixed_flags(method):
+    return {flag for flag, start in METHODS[method][1].items() if start and 'fixed' in start}
+
+
+def extensions(rows, arch, method):
+    """ The configurations that take the choice one step past an edge of what was tried: for each flag whose
+    chosen value is the smallest or largest tried (and not at its hard limit), half or double it, the other flags
+    at their chosen values. """
+    best = chosen(rows, arch, method)
+    tried = [json.loads(h) for h in tuned(rows, arch, method)]
+    new = []
+    for flag, value in best.items():
+        if flag in fixed_flags(method):
+            continue
+        values = sorted({t[flag] for t in tried})
+        low, high = _limits(arch, flag)
+        for edge, step, limit in ((values[0], 0.5, low), (values[-1], 2.0, high)):
+            if value == edge and len(values) > 0 and not math.isclose(value, limit):
+                beyond = min(max(value * step, low), high)
+                candidate = {**best, flag: beyond}
+                if json.dumps(candidate, sort_keys=True) not in tuned(rows, arch, method):
+                    new.append(candidate)
+    return new
+
+
+def is_settled(rows, arch, method):
+    """ Tuning is over: tried, and no extension left to try. """
+    return bool(tuned(rows, arch, method)) and not extensions(rows, arch, method)
+
+
+def tuning_jobs(rows, arms):
+    """ The next tuning runs: each method's start once what it starts from has settled, then its extensions. """
+    jobs = []
+    for arch in arms:
+        for method in methods_of(arch):
+            configs = extensions(rows, arch, method) if tuned(rows, arch, method) else start_grid(rows, arch, method)
+            jobs += [(arch, method, 'tune', hp, TUNING_SEED, 'validation') for hp in configs or []]
+    return jobs
+
+
+def final_jobs(rows, arms):
     return [(arch, method, 'final', chosen(rows, arch, method), s, 'test')
-            for arch in arms for method in METHODS for s in seeds]
+            for arch in arms for method in methods_of(arch) for s in range(1, ARCHS[arch]['seeds'] + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
 
 
 def finals(rows):
-    """ (arch, method) -> (chosen hparams, test accuracies over seeds). """
+    """ (arch, method) -> (chosen hparams, {seed: test accuracy}). """
     groups = {}
     for r in rows:
         if r['phase'] == 'final':
-            groups.setdefault((r['arch'], r['method']), (r['hparams'], []))[1].append(float(r['top1']))
+            groups.setdefault((r['arch'], r['method']), (r['hparams'], {}))[1][int(r['seed'])] = float(r['top1'])
     return groups
 
 
-def mean_se(values):
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.mean(values), sd, sd / math.sqrt(len(values))
+def mean_sd(values):
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(a: dict, b: dict):
+    """ (mean of a - b over the seeds both have, 95% t interval low, high, seeds). """
+    from scipy.stats import t
+    seeds = sorted(a.keys() & b.keys())
+    diffs = [a[s] - b[s] for s in seeds]
+    m, sd = mean_sd(diffs)
+    half = t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    return m, m - half, m + half, len(seeds)
+
+
+def interval(a, b) -> str:
+    m, low, high, _ = paired(a, b)
+    verdict = 'not separable' if low <= 0 <= high else ('better' if low > 0 else 'worse')
+    return f'{m:+.2f} [{low:+.2f}, {high:+.2f}] {verdict}'
 
 
 def step_times(out_dir):
@@ -246,28 +345,43 @@ def trained_arms(groups):
     return [arch for arch in ARCHS if any(a == arch for a, _ in groups)]
 
 
+def grid_text(rows, arch, method) -> str:
+    """ The values each tuned flag ended with (the chosen one in bold). """
+    best = chosen(rows, arch, method)
+    tried = [json.loads(h) for h in tuned(rows, arch, method)]
+    return '; '.join(f'{flag} ' + ', '.join(f'**{v:g}**' if v == best[flag] else f'{v:g}'
+                                            for v in sorted({t[flag] for t in tried})) for flag in best)
+
+
 def report(rows, out_dir, command):
     groups, times = finals(rows), step_times(out_dir)
-    lines = ['# Accuracy on the built-in digits: three arms, exact and cheaper G-Mix', '',
+    lines = ['# Accuracy on the built-in digits: a positive control, three arms, exact and cheaper G-Mix', '',
              f'Reproduce: `{command}`, then `python benchmarks/accuracy.py --speed` alone (results: '
              f'`accuracy_runs.csv`, `speed_<arch>.json`).', '',
-             f'Common settings: `{" ".join(COMMON)}`; test accuracy (%) at the last epoch over seeds: mean ± standard '
-             f'deviation (standard error); 4 tuning configurations per method chosen on the validation split with '
-             f'seed {", ".join(map(str, TUNING_SEEDS))}. Step time: relative to train.py\'s SGD + Mixup step, '
-             f'measured with benchmarks/speed.py on the arm\'s model, batch and optimizer.', '']
+             f'Common settings: `{" ".join(COMMON)}`. Test accuracy (%) at the last epoch: mean ± standard deviation '
+             f'over seeds. Differences are paired by seed (same data order and initialization): mean [95% t '
+             f'interval]; "not separable" where the interval holds 0. Tuning on the validation split with seed '
+             f'{TUNING_SEED}: the grids each method ended with are listed (chosen value in bold), with the number of '
+             f'configurations it tried. Step time: relative to train.py\'s SGD + Mixup step, measured with '
+             f'benchmarks/speed.py on the arm\'s model, batch and optimizer.', '']
     for arch in trained_arms(groups):
         cfg = ARCHS[arch]
-        argv = ' '.join(cfg['argv']).replace(f'{ROOT}/', '')  # the noisy data's folder, relative to the checkout
+        argv = ' '.join(cfg['argv']).replace(f'{ROOT}/', '')
+        refs = [m for m in REFERENCES if (arch, m) in groups]
         lines += [f'## {arch}: `{argv}`, base optimizer {cfg["base"]}', '',
-                  '| method | test top-1 (mean ± std (SE)) | seeds | step time | chosen on validation |',
-                  '| --- | ---: | ---: | ---: | --- |']
-        for method in METHODS:
-            if (arch, method) in groups:
-                hp, accs = groups[arch, method]
-                m, sd, se = mean_se(accs)
-                t = times.get(arch, {}).get(method)
-                lines.append(f'| {method} | {m:.2f} ± {sd:.2f} ({se:.2f}) | {len(accs)} | '
-                             f'{"" if t is None else f"{t:.2f}"} | {hp} |')
+                  '| method | test top-1 | seeds | ' + ' | '.join(f'− {r}' for r in refs) +
+                  ' | step time | configurations tried | grid (chosen in bold) |',
+                  '| --- | ---: | ---: | ' + ' --- |' * len(refs) + ' ---: | ---: | --- |']
+        for method in methods_of(arch):
+            if (arch, method) not in groups:
+                continue
+            _, accs = groups[arch, method]
+            m, sd = mean_sd(accs.values())
+            diffs = ['' if r == method else interval(accs, groups[arch, r][1]) for r in refs]
+            t = times.get(arch, {}).get(method)
+            lines.append(f'| {method} | {m:.2f} ± {sd:.2f} | {len(accs)} | ' + ' | '.join(diffs) +
+                         f' | {"" if t is None else f"{t:.2f}"} | {len(tuned(rows, arch, method))} | '
+                         f'{grid_text(rows, arch, method)} |')
         lines.append('')
     (out_dir / 'accuracy.md').write_text('\n'.join(lines) + '\n')
     plot(groups, times, out_dir / 'accuracy_pareto.png')
@@ -280,15 +394,18 @@ def plot(groups, times, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    arms = trained_arms(groups)
+    arms = [arch for arch in trained_arms(groups) if arch in times]
+    if not arms:
+        return
     fig, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 4.8), squeeze=False)
     for ax, arch in zip(axes[0], arms):
         for i, method in enumerate(METHODS):
             if (arch, method) not in groups or method not in times.get(arch, {}):
                 continue
-            m, _, se = mean_se(groups[arch, method][1])
-            ax.errorbar(times[arch][method], m, yerr=se, fmt='o' if method in EXACT else 's', capsize=3,
-                        color=plt.cm.tab20(i), label=method)
+            accs = list(groups[arch, method][1].values())
+            m, sd = mean_sd(accs)
+            ax.errorbar(times[arch][method], m, yerr=sd / math.sqrt(len(accs)), fmt='o' if method in EXACT else 's',
+                        capsize=3, color=plt.cm.tab20(i), label=method)
         ax.set(xlabel="step time / train.py's SGD + Mixup step", ylabel='test top-1 (%)', title=arch)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][-1].get_legend_handles_labels()
@@ -311,7 +428,6 @@ def measure_speed(out_dir, rounds, arms):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--seeds', type=int, default=5)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--out', default=str(RESULTS))
     parser.add_argument('--report-only', action='store_true')
@@ -321,18 +437,17 @@ def main():
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out_dir / 'accuracy_runs.csv', args.workers, args.arms)
-    seeds = list(range(1, args.seeds + 1))
-    tune = tuning_jobs(args.arms)
-    total = len(tune) + len(args.arms) * len(METHODS) * len(seeds)
+    runner = Runner(out_dir / 'accuracy_runs.csv', args.workers)
     if args.speed:
         measure_speed(out_dir, args.speed_rounds, args.arms)
     elif not args.report_only:
         CACHE.mkdir(parents=True, exist_ok=True)
-        build_noisy_digits()
-        runner.run(tune, total)
-        runner.run(final_jobs(runner.rows, args.arms, seeds), total)
-    report(runner.rows, out_dir, 'python benchmarks/accuracy.py' + (f' --seeds {args.seeds}' if args.seeds != 5 else ''))
+        for name, (fraction, noise) in NOISY_DIGITS.items():
+            build_noisy_digits(name, fraction, noise)
+        while jobs := tuning_jobs(runner.rows, args.arms):
+            runner.run(jobs)
+        runner.run(final_jobs(runner.rows, args.arms))
+    report(runner.rows, out_dir, 'python benchmarks/accuracy.py')
 
 
 if __name__ == '__main__':
