@@ -203,11 +203,11 @@ def test_an_undone_full_step_counts_nothing_and_keeps_the_reused_part(make_mlp, 
     opt = efficient_sam(model, interval=2, reuse=0.5)
     for u in range(2):
         assert not gmix_step(model, opt, *make_batch(8, seed=u)).skipped
-    kept = [t.clone() for t in opt.reused_parts()]
+    kept = [t.clone() for t in opt.looksam.parts()]
     gate.poison = {gate.calls + 2}  # the pass at w + e of the next (full) update
     result = gmix_step(model, opt, *make_batch(8, seed=2))
     assert result.skipped and result.full_step and opt.updates == 2
-    assert all(torch.equal(a, b) for a, b in zip(kept, opt.reused_parts()))
+    assert all(torch.equal(a, b) for a, b in zip(kept, opt.looksam.parts()))
     assert gmix_step(model, opt, *make_batch(8, seed=2)).full_step  # the full step comes again
 
 

@@ -89,6 +89,56 @@ class TensorCopy:
             torch._foreach_copy_(sources, buffers)
 
 
+class ReusedDirection:
+    """ LookSAM's reused sharpness direction (Liu et al., CVPR 2022), with its `alpha`:
+
+        on a full step      g_v = g_s - (<g_s, g> / <g, g>) g     (g at w: `keep_ascent`; g_s at w + e)
+        on a one-pass step  g  += alpha * ||g|| / ||g_v|| * g_v
+
+    `state` ({parameter: {'reused': g_v}}) is shaped like an optimizer's state: SAM saves it in its state_dict, and
+    the step guard undoes it with the base's. """
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.state = {}
+        self._ascent = {}  # parameter -> g of the current full step
+
+    def keep_ascent(self, grads: Dict[torch.Tensor, torch.Tensor]):
+        if [(p, g.shape) for p, g in self._ascent.items()] != [(p, g.shape) for p, g in grads.items()]:
+            self._ascent = {p: torch.empty_like(g) for p, g in grads.items()}
+        for kept, g in grouped(list(self._ascent.values()), list(grads.values())):
+            torch._foreach_copy_(kept, g)
+
+    @torch.no_grad()
+    def keep_orthogonal_part(self, grads: Dict[torch.Tensor, torch.Tensor]):
+        """ g_v from g_s = `grads` (unscaled) and the g that `keep_ascent` kept. """
+        grads = {p: g_s for p, g_s in grads.items() if p in self._ascent}
+        for p, g_s in grads.items():
+            if p not in self.state or self.state[p]['reused'].shape != g_s.shape:
+                self.state[p] = {'reused': torch.empty_like(g_s)}
+        g_s, g = list(grads.values()), [self._ascent[p] for p in grads]
+        coef = dot(g_s, g) / (dot(g, g) + 1e-30)
+        for g_v, g_group, g_s_group in grouped(self.parts(grads), g, g_s):
+            torch._foreach_copy_(g_v, g_group)
+            torch._foreach_mul_(g_v, -coef.to(g_v[0].device))
+            torch._foreach_add_(g_v, g_s_group)
+
+    def parts(self, params: Iterable[torch.Tensor] = None) -> List[torch.Tensor]:
+        """ g_v of `params` (default: every parameter that has one). """
+        return [self.state[p]['reused'] for p in (self.state if params is None else params)]
+
+    @torch.no_grad()
+    def add_to(self, grads: Dict[torch.Tensor, torch.Tensor]):
+        """ g += alpha * ||g|| / ||g_v|| * g_v, on the gradients (unscaled) of the parameters that have a g_v. """
+        grads = {p: g for p, g in grads.items() if p in self.state}
+        if not grads:
+            return
+        g, g_v = list(grads.values()), self.parts(grads)
+        scale = self.alpha * torch.nn.utils.get_total_norm(g) / (torch.nn.utils.get_total_norm(g_v) + 1e-12)
+        for g_group, g_v_group in grouped(g, g_v):
+            torch._foreach_add_(g_group, torch._foreach_mul(g_v_group, scale.to(g_group[0].device)))
+
+
 class SAM(torch.optim.Optimizer):
     """ SAM wrapper sharing its `param_groups` with the base optimizer.
 
@@ -105,7 +155,7 @@ class SAM(torch.optim.Optimizer):
         rho: neighbourhood radius, default 0.05 (SAM) or 2.0 (ASAM)
         adaptive: ASAM, the scale-invariant neighbourhood
         interval: the full two-pass step on every `interval`-th update, one plain pass in between
-        reuse: LookSAM's alpha, added on the one-pass updates (needs interval > 1); 0 adds nothing
+        reuse: LookSAM's alpha, added on the one-pass updates (needs interval > 1; `looksam`); 0: none
         perturb: 'gradient' (e from the gradient at w) or 'momentum' (MSAM: e from the base's momentum)
         **base_kwargs: lr, weight_decay, momentum, betas, ... for the base optimizer
     """
@@ -126,10 +176,10 @@ class SAM(torch.optim.Optimizer):
         # Registering the base's own group dicts makes every change (LR schedule, layer decay) seen by both.
         super().__init__(self.base_optimizer.param_groups, dict(rho=rho, adaptive=adaptive))
         self._link_base()
-        self.interval, self.reuse, self.perturbation = interval, reuse, perturb
+        self.interval, self.perturbation = interval, perturb
+        self.looksam = ReusedDirection(reuse) if reuse else None
+        self.sam_state = self.looksam.state if self.looksam else {}  # saved and undone with the base's state
         self.updates = 0  # updates made (undone ones do not count): every interval-th one is full
-        self.sam_state = {}  # parameter -> {'reused': g_v}: shaped like the base's state, saved and undone with it
-        self._ascent_grad = {}  # parameter -> the gradient at w of the current full step (kept for reuse only)
         self.saved_w = TensorCopy()  # w at the last perturb(): kept after restore() so a step can be undone
         self.is_perturbed = False  # the parameters are at w + e
         self._base_step_allowed = False
@@ -181,11 +231,11 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def perturb(self, grad_norm: Optional[torch.Tensor] = None):
         """ Save w and move to w + e, e = rho * g / ||g||. Pass `grad_norm` when it was already computed (to
-        check it). The gradient is spent: each `p.grad` holds e afterwards (with `reuse`, g is kept). """
+        check it). The gradient is spent: each `p.grad` holds e afterwards (LookSAM keeps g). """
         grad_norm = self.grad_norm() if grad_norm is None else grad_norm
         grads = self.gradients()
-        if self.reuse:
-            self._keep_ascent_grad(grads)
+        if self.looksam:
+            self.looksam.keep_ascent(grads)
         self._move(grads, grad_norm, in_place=True)
 
     @torch.no_grad()
@@ -211,43 +261,6 @@ class SAM(torch.optim.Optimizer):
                     torch._foreach_mul_(e, torch._foreach_pow(params, 2))
                 torch._foreach_add_(params, e)
         self.is_perturbed = True
-
-    def _keep_ascent_grad(self, grads):
-        if [(p, g.shape) for p, g in self._ascent_grad.items()] != [(p, g.shape) for p, g in grads.items()]:
-            self._ascent_grad = {p: torch.empty_like(g) for p, g in grads.items()}
-        for kept, g in grouped(list(self._ascent_grad.values()), list(grads.values())):
-            torch._foreach_copy_(kept, g)
-
-    @torch.no_grad()
-    def keep_orthogonal_part(self):
-        """ LookSAM, on a full step with p.grad = g_s (unscaled), the gradient at w + e, and g, the gradient at
-        w that `perturb` kept: the reused g_v = g_s - (<g_s, g> / <g, g>) g. """
-        grads = {p: g_s for p, g_s in self.gradients().items() if p in self._ascent_grad}
-        for p, g_s in grads.items():
-            if p not in self.sam_state or self.sam_state[p]['reused'].shape != g_s.shape:
-                self.sam_state[p] = {'reused': torch.empty_like(g_s)}
-        g_s, g = list(grads.values()), [self._ascent_grad[p] for p in grads]
-        coef = dot(g_s, g) / (dot(g, g) + 1e-30)
-        for g_v, g_group, g_s_group in grouped(self.reused_parts(grads), g, g_s):
-            torch._foreach_copy_(g_v, g_group)
-            torch._foreach_mul_(g_v, -coef.to(g_v[0].device))
-            torch._foreach_add_(g_v, g_s_group)
-
-    def reused_parts(self, params: Iterable[torch.Tensor] = None) -> List[torch.Tensor]:
-        """ g_v of `params` (default: every parameter that has one). """
-        params = self.sam_state if params is None else params
-        return [self.sam_state[p]['reused'] for p in params]
-
-    @torch.no_grad()
-    def add_reused_part(self):
-        """ LookSAM, on a one-pass update with p.grad = g (unscaled): g += reuse * ||g|| / ||g_v|| * g_v. """
-        grads = {p: g for p, g in self.gradients().items() if p in self.sam_state}
-        if not grads:
-            return
-        g, g_v = list(grads.values()), self.reused_parts(grads)
-        scale = self.reuse * torch.nn.utils.get_total_norm(g) / (torch.nn.utils.get_total_norm(g_v) + 1e-12)
-        for g_group, g_v_group in grouped(g, g_v):
-            torch._foreach_add_(g_group, torch._foreach_mul(g_v_group, scale.to(g_group[0].device)))
 
     @torch.no_grad()
     def restore(self):
@@ -288,7 +301,7 @@ class SAM(torch.optim.Optimizer):
                     'with timm_gmix.gmix_step(model, optimizer, inputs, targets, ...), or call optimizer.step(closure) '
                     'with a closure that computes the loss and calls backward() (SAM runs it at w and at w + e)')
             return self.base_optimizer.step()
-        if (self.interval, self.reuse, self.perturbation) != (1, 0.0, 'gradient'):
+        if self.interval != 1 or self.looksam or self.perturbation != 'gradient':
             raise ValueError('step(closure) makes the two-pass SAM step: use gmix_step for interval, reuse and '
                              'the momentum perturbation')
         closure = torch.enable_grad()(closure)
@@ -316,7 +329,8 @@ class SAM(torch.optim.Optimizer):
         self._link_base()
         params = self._params()
         self.updates = sam['updates']
-        self.sam_state = {params[int(i)]: {'reused': g_v.to(params[int(i)])} for i, g_v in sam['reused'].items()}
+        self.sam_state.clear()  # in place: it is LookSAM's own state
+        self.sam_state.update({params[int(i)]: {'reused': g_v.to(params[int(i)])} for i, g_v in sam['reused'].items()})
 
 
 def check_options(rho, interval, reuse, perturb):

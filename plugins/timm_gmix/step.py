@@ -233,7 +233,7 @@ def gmix_step(
     def update():
         """ LookSAM's reused direction, clipping, and the base optimizer's step. """
         norm = grad_norm
-        if sam is not None and sam.reuse:
+        if sam is not None and sam.looksam:
             reuse_gradient(sam, full, accelerator if not sync_ascent else None)
             norm = None
         if clip_grad is not None:
@@ -304,11 +304,11 @@ def reuse_gradient(sam, full: bool, accelerator=None):
     """ LookSAM: keep g_v on a full step (averaged over processes, since each perturbed by its own gradient at
     w), add it on a one-pass update. """
     if not full:
-        sam.add_reused_part()
+        sam.looksam.add_to(sam.gradients())
         return
-    sam.keep_orthogonal_part()
+    sam.looksam.keep_orthogonal_part(sam.gradients())
     if accelerator is not None and accelerator.num_processes > 1:
-        g_v = sam.reused_parts()
+        g_v = sam.looksam.parts()
         for t in g_v:
             torch.distributed.all_reduce(t)
         torch._foreach_div_(g_v, float(accelerator.num_processes))

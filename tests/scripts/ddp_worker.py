@@ -86,7 +86,7 @@ def mixed_steps(accelerator, mode, **options):
         model(batch(2, seed=0)[0])
     return {'init': init, 'after_steps': after_steps, 'after_eval': weights(accelerator.unwrap_model(model)),
             'losses': torch.stack(losses), 'compute_dtypes': sorted(compute_dtypes),
-            'reused': [t.clone() for t in opt.optimizer.reused_parts()]}
+            'reused': [t.clone() for t in opt.optimizer.looksam.parts()] if opt.optimizer.looksam else []}
 
 
 def scenario_dg(accelerator):
