@@ -138,7 +138,7 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
                     torchvision.utils.save_image(inputs, tmp, format='jpeg', normalize=True)
         if args.recovery_interval and (update + 1) % args.recovery_interval == 0 and update + 1 < updates:
             state.updates_in_epoch, state.epoch_sums = update + 1, gather_object([meter.state_dict()])
-            save(RECOVERY, (epoch, update + 1))
+            save(RECOVERY, epoch, update + 1)
     state.updates_in_epoch, state.epoch_sums = 0, []
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
@@ -286,14 +286,16 @@ def main(argv=None):
         with writing(run_dir / 'model_best.safetensors') as tmp:  # the same file, for timm.models.load_checkpoint
             tmp.hardlink_to(folder / 'model.safetensors')
 
-    def save(name, position, **more):
-        """ A training state in run_dir/name, never one with a non-finite weight or optimizer value. """
+    def save(name, epoch, updates_done=0):
+        """ The training state in run_dir/name, `updates_done` updates into `epoch` (0: after it), never one with a
+        non-finite weight or optimizer value. """
         tensors = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else []),
                    *(t for s in optimizer.state_dict()['state'].values() for t in s.values())]
         if not all_finite(tensors):
-            raise diverged(f'the weights or optimizer state are not finite in epoch {position[0] + (name != LAST)}: '
-                           f'not saved', run_dir, args, accelerator)
-        save_state(accelerator, run_dir / name, {**meta, 'position': position, **more})
+            raise diverged(f'the weights or optimizer state are not finite in epoch {epoch + 1}: not saved', run_dir,
+                           args, accelerator)
+        position = (epoch, updates_done) if updates_done else (epoch + 1, 0)
+        save_state(accelerator, run_dir / name, {**meta, 'position': position})
 
     if resume is not None and resume.state is not None and resume.newest and accelerator.is_main_process:
         # repair a kill between the save and the links
@@ -335,7 +337,7 @@ def main(argv=None):
             raise diverged(f'the model diverged in epoch {epoch + 1} (validation loss {eval_metrics["loss"]}): '
                            f'not saved', run_dir, args, accelerator)
         keeper.rank(epoch, metric)
-        save(LAST, (epoch + 1, 0))
+        save(LAST, epoch)
         if accelerator.is_main_process:
             keeper.materialize(epoch, lambda: export_best(eval_metrics))
         accelerator.wait_for_everyone()
