@@ -37,6 +37,16 @@ def import_seconds(code: str, rounds: int) -> float:
     return seconds(lambda: subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True), rounds)
 
 
+def own_import_seconds(module: str, after: str, rounds: int) -> float:
+    """ What importing `module` adds once `after` is imported: its cumulative time in `python -X importtime`. """
+    def once():
+        err = subprocess.run([sys.executable, '-X', 'importtime', '-c', f'import {after}; import {module}'], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stderr
+        return next(int(line.split('|')[1]) for line in err.splitlines() if line.split('|')[-1].strip() == module
+                    and not line.split('|')[-1].startswith('  ')) / 1e6
+    return statistics.median(once() for _ in range(rounds))
+
+
 def data_pipeline(data, rounds: int) -> dict:
     """ Images/s of the worker's part of the pipeline, one core. """
     import torch
@@ -73,7 +83,7 @@ def fixed_costs(data, rounds: int) -> dict:
 
     costs = {
         'python -c "import timm" (what any timm script pays)': import_seconds('import timm', rounds),
-        'python -c "import train" (train.py\'s imports)': import_seconds('import train', rounds),
+        'what `import train` adds to `import timm` (python -X importtime)': own_import_seconds('train', 'timm', rounds),
         'reading the image folder (load_splits, with `import datasets`)': import_seconds(
             f'from timm_gmix.training.args import parse_args; from timm_gmix.training.data import load_splits; '
             f'load_splits(parse_args([{str(data)!r}]))', rounds) - import_seconds(
