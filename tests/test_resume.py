@@ -381,3 +381,49 @@ def test_divergence_never_replaces_a_good_checkpoint(tmp_path):
     assert (f'{state} (after epoch 1) is intact' if state else 'no checkpoint was written yet') in message
     for weights in run_dir.rglob('*.safetensors'):
         assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line decides on resume
+
+
+def schedule(lr, sched='cosine', epochs=10):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = timm.optim.create_optimizer_v2(model, opt='gmix_sam', lr=lr, momentum=0.9, weight_decay=1e-4)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched=sched, num_epochs=epochs, warmup_epochs=0,
+                                                     patience_epochs=0, decay_rate=0.5)
+    return optimizer, scheduler
+
+
+@pytest.mark.filterwarnings('ignore:PlateauLRScheduler is deprecated')
+@pytest.mark.parametrize('new_lr', [0.1, 0.02])
+def test_a_resumed_schedule_is_the_command_lines(new_lr):
+    """ Cosine: the loaded schedule and group values give way to the command line's, stepped to the position.
+    Plateau: the lr its metrics reduced to is kept, unless --lr changed. """
+    from timm_gmix.training.resume import CommandLineSettings, step_to
+    saved_opt, saved_sched = schedule(0.1, epochs=10)
+    for group in saved_opt.param_groups:
+        group['weight_decay'] = 0.5  # changed by hand: the command line's 1e-4 must come back
+    fresh_opt, fresh_sched = schedule(new_lr, epochs=20)
+    settings = CommandLineSettings(fresh_opt, fresh_sched)
+    fresh_opt.load_state_dict(saved_opt.state_dict())
+    fresh_sched.load_state_dict(saved_sched.state_dict())
+    settings.apply(fresh_opt, fresh_sched, lr_changed=new_lr != 0.1)
+    step_to(fresh_sched, 5, 0)
+    expected = new_lr * (1 + math.cos(math.pi * 5 / 20)) / 2
+    assert [g['lr'] for g in fresh_opt.param_groups] == pytest.approx([expected] * len(fresh_opt.param_groups))
+    assert {g['weight_decay'] for g in fresh_opt.param_groups} <= {0.0, 1e-4}
+
+    saved_opt, saved_sched = schedule(0.1, sched='plateau')
+    for metric in (1.0, 1.0, 1.0):  # no improvement: patience 0 halves the lr
+        saved_sched.step(1, metric)
+    reduced = saved_opt.param_groups[0]['lr']
+    assert reduced < 0.1
+    fresh_opt, fresh_sched = schedule(new_lr, sched='plateau')
+    settings = CommandLineSettings(fresh_opt, fresh_sched)
+    fresh_opt.load_state_dict(saved_opt.state_dict())
+    fresh_sched.load_state_dict(saved_sched.state_dict())
+    settings.apply(fresh_opt, fresh_sched, lr_changed=new_lr != 0.1)
+    step_to(fresh_sched, 3, 0)
+    assert fresh_opt.param_groups[0]['lr'] == (reduced if new_lr == 0.1 else new_lr)
