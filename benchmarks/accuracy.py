@@ -69,11 +69,14 @@ CNN = ['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--lr', '0.05', '
 CNN_SPEED = ['--model', 'resnet10t', '--img-size', '32', '-b', '16', '--opt', 'sgd']
 VIT_KWARGS = dict(img_size=32, patch_size=4, class_token=False, depth=2)
 CONTROL_EPOCHS = 30
+# ERM at the lr every other method trains with: the papers' comparison. Tuned ERM's larger lr also resists the noise.
+ERM_SHARED_LR = "ERM (the arm's lr)"
 # Per arm: train.py flags shared by every method, the optimizer, its lr, the speed.py flags of the same step (None:
 # the cnn arm's), the seeds of the final runs and the methods run (None: all).
 ARCHS = {
     'control': dict(argv=['--dataset', str(CACHE / 'digits_all_40pct_noise'), *CNN, '--epochs', str(CONTROL_EPOCHS)],
-                    base='sgd', lr=0.05, speed=None, seeds=5, methods=('ERM', 'Mixup', 'SAM', 'G-Mix')),
+                    base='sgd', lr=0.05, speed=None, seeds=5,
+                    methods=('ERM', ERM_SHARED_LR, 'Mixup', 'SAM', 'G-Mix')),
     'cnn': dict(argv=['--dataset', 'digits', '--train-subset', '0.2', *CNN, '--epochs', '12'], base='sgd', lr=0.05,
                 speed=CNN_SPEED, seeds=10, methods=None),
     'cnn-noisy': dict(argv=['--dataset', str(CACHE / 'digits_10pct_20pct_noise'), *CNN, '--epochs', '20'],
@@ -89,6 +92,7 @@ SAM = ['--opt', 'gmix_sam', '--sam-base', '{base}']
 # one-parameter grid), or (method, flag, scale): the value another method chose for `flag`, times `scale`.
 METHODS = {
     'ERM': (['--opt', '{base}'], {'--lr': ('x0.5', 'x1', 'x2', 'x4')}, 'sgd_mixup_guarded'),
+    ERM_SHARED_LR: (['--opt', '{base}'], {}, 'sgd_mixup_guarded'),
     'Mixup': (['--opt', '{base}'], {'--mixup': (0.1, 0.2, 0.5, 1.0)}, 'sgd_mixup_guarded'),
     'CutMix': (['--opt', '{base}'], {'--cutmix': (0.1, 0.2, 0.5, 1.0)}, 'sgd_mixup_guarded'),
     'SAM': (SAM, {'--rho': (0.01, 0.02, 0.05, 0.1)}, 'sam'),
@@ -108,7 +112,7 @@ METHODS = {
 HARD_LIMITS = {'--lr': (1 / 16, 16), '--mixup': (0.025, 8.0), '--cutmix': (0.025, 8.0), '--rho': (0.005, 8.0),
                '--sam-reuse': (0.0125, 1.6)}
 EXACT = ('ERM', 'Mixup', 'CutMix', 'SAM', 'ASAM', 'G-Mix', 'BG-Mix', 'DG-Mix')
-REFERENCES = ('ERM', 'Mixup', 'SAM')  # the paired comparisons
+REFERENCES = ('ERM', ERM_SHARED_LR, 'Mixup', 'SAM')  # the paired comparisons
 TUNING_SEED = 101  # apart from the reported seeds 1..N
 SPEED_REFERENCE = 'sgd_mixup_guarded'
 FIELDS = ['arch', 'method', 'phase', 'hparams', 'seed', 'split', 'top1', 'loss', 'seconds']
@@ -215,7 +219,10 @@ def tuned(rows, arch, method):
 
 
 def chosen(rows, arch, method):
-    """ The tried configuration with the best validation accuracy (the first tried wins a tie). """
+    """ The tried configuration with the best validation accuracy (the first tried wins a tie); {} for a method
+    that tunes nothing. """
+    if not METHODS[method][1]:
+        return {}
     accs = tuned(rows, arch, method)
     return json.loads(max(accs, key=accs.get)) if accs else None
 
@@ -284,7 +291,7 @@ def tuning_jobs(rows, arms):
     """ The next tuning runs: each method's start once what it starts from has settled, then its extensions. """
     jobs = []
     for arch in arms:
-        for method in methods_of(arch):
+        for method in filter(lambda m: METHODS[m][1], methods_of(arch)):
             configs = extensions(rows, arch, method) if tuned(rows, arch, method) else start_grid(rows, arch, method)
             jobs += [(arch, method, 'tune', hp, TUNING_SEED, 'validation') for hp in configs or []]
     return jobs
