@@ -70,10 +70,12 @@ def measure_run(run_dir: Path, cache: Path, num_examples: int, settings: dict) -
             'num_examples': sum(len(y) for _, y in batches), 'seconds': round(time.time() - start, 1)}
 
 
-def measure_all(cache: Path, runs: RunsCSV, workers: int, num_examples: int, settings: dict):
-    """ Measure every run under `cache` not yet in `runs`, appending each row as it finishes. """
+def measure_all(cache: Path, runs: RunsCSV, workers: int, num_examples: int, settings: dict, seeds=None):
+    """ Measure every run under `cache` (of seeds 1..`seeds`, if given) not yet in `runs`, appending each row as it
+    finishes. """
     done = {r['run'] for r in runs.rows}
-    todo = [r for r in find_runs(cache) if r.relative_to(cache).as_posix() not in done]
+    todo = [r for r in find_runs(cache) if r.relative_to(cache).as_posix() not in done
+            and (seeds is None or int(r.name.removeprefix('seed')) <= seeds)]
     print(f'{len(done)} runs already measured, {len(todo)} to go', flush=True)
     for i, row in enumerate(measured(todo, cache, workers, num_examples, settings), 1):
         runs.append(row)
@@ -193,19 +195,21 @@ def main(argv=None):
     parser.add_argument('--out', default=str(RESULTS), help='folder of sharpness_runs.csv and the report')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--num-examples', type=int, default=128, help='training examples measured on, per run')
+    parser.add_argument('--seeds', type=int, help='measure only the runs of seeds 1..N (default: all)')
     parser.add_argument('--report-only', action='store_true')
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = RunsCSV(out_dir / 'sharpness_runs.csv', FIELDS)
     if not args.report_only:
-        measure_all(Path(args.cache), runs, args.workers, args.num_examples, SETTINGS)
+        measure_all(Path(args.cache), runs, args.workers, args.num_examples, SETTINGS, args.seeds)
     rows = runs.rows
     if not rows:
         sys.exit(f'error: no measured runs in {runs.path}: run benchmarks/accuracy.py first (it keeps its final '
                  f'models in {args.cache}), then this without --report-only')
     report(rows, out_dir, 'python benchmarks/sharpness.py' + (
-        f' --num-examples {args.num_examples}' if args.num_examples != 128 else ''))
+        f' --num-examples {args.num_examples}' if args.num_examples != 128 else '') + (
+        f' --seeds {args.seeds}' if args.seeds else ''))
 
 
 if __name__ == '__main__':

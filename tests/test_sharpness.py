@@ -2,6 +2,7 @@
 the flattened parameters, losses by functional_call written out here; the model left exactly as it was. """
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -249,8 +250,8 @@ def test_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
 
 
 def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
-    """ benchmarks/sharpness.py on one kept run: the CSV row holds the library's numbers on the run's first
-    training examples, and a rerun measures nothing again. """
+    """ benchmarks/sharpness.py on kept runs: the CSV row holds the library's numbers on the run's first training
+    examples, `--seeds 1` leaves seed 2 for a later run, and a rerun measures nothing again. """
     benchmarks = Path(__file__).resolve().parents[1] / 'benchmarks'
     monkeypatch.syspath_prepend(str(benchmarks))  # as when it runs as a script: its sibling modules
     spec = importlib.util.spec_from_file_location('sharpness_benchmark', benchmarks / 'sharpness.py')
@@ -266,9 +267,10 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     export_model(model, run_dir / 'model', parse_args(argv), DATA_CONFIG, CARD)
     (run_dir / 'run.json').write_text(json.dumps({'arch': 'vit', 'method': 'G-Mix', 'seed': 1, 'argv': argv,
                                                   'hparams': {'--rho': 0.05}, 'test_top1': 87.5}))
+    shutil.copytree(run_dir, run_dir.with_name('seed2'))
     out = tmp_path / 'results'
     cli = ['--cache', str(tmp_path / 'cache'), '--out', str(out), '--workers', '1', '--num-examples', '5']
-    bench.main(cli)
+    bench.main([*cli, '--seeds', '1'])
     (row,) = bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows
 
     model = timm.create_model(f'local-dir:{run_dir / "model"}', pretrained=True)
@@ -284,5 +286,9 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ['sharpness.md', 'sharpness_curves.png', 'sharpness_runs.csv',
                                                      'sharpness_scatter.png']
 
-    bench.main(cli)  # nothing left to measure: the CSV keeps its one row
-    assert bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows == [row]
+    bench.main(cli)  # seed 2 now: the same model and examples, so the same numbers
+    rows = bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows
+    assert rows[0] == row and {**rows[1], 'run': row['run'], 'seconds': row['seconds']} == row
+    assert rows[1]['run'] == 'vit/g-mix/seed2'
+    bench.main(cli)  # nothing left to measure
+    assert bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows == rows
