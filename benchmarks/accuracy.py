@@ -298,8 +298,10 @@ def tuning_jobs(rows, arms):
 
 
 def final_jobs(rows, arms):
-    return [(arch, method, 'final', chosen(rows, arch, method), s, 'test')
+    """ Seed by seed, so that a benchmark stopped early has every method of every arm on its first seeds. """
+    jobs = [(arch, method, 'final', chosen(rows, arch, method), s, 'test')
             for arch in arms for method in methods_of(arch) for s in range(1, ARCHS[arch]['seeds'] + 1)]
+    return sorted(jobs, key=lambda job: job[4])
 
 
 # ----------------------------------------------------------------------------------------------
