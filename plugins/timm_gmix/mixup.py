@@ -61,8 +61,8 @@ class MixedBatch:
 
         A `bg` batch always has B rows. A `dg` batch has B - F mixed and F to 2F clean rows (F flagged): it is
         padded with rows of weight 0 (copies of its last row) to B + k * ceil(F / 4) rows, k = 0..4, so that a
-        compiled model or cuDNN meets at most five shapes. Padding changes no loss or gradient, but under
-        BatchNorm in training mode its rows take part in the batch statistics.
+        compiled model or cuDNN meets at most five shapes. Without BatchNorm in training mode padding changes no
+        loss or gradient; with it, the padding rows enter the batch statistics and so shift the others a little.
         """
         keep = ~flagged
         if not flagged.any():
