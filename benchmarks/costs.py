@@ -1,7 +1,7 @@
 """ What each part around the step costs train.py, measured on this machine: the guard, the data pipeline, and
 the fixed costs of a run (imports, reading the data, a checkpoint, an export).
 
-    python benchmarks/costs.py --timm-train benchmarks/cache/timm/train.py      # writes benchmarks/results/costs.md
+    python benchmarks/costs.py      # alone; writes benchmarks/results/costs.md
 
 The step parts come from benchmarks/speed.py (interleaved rounds in one process): SGD + timm Mixup in a bare loop,
 through `gmix_step` with the default guard ('skip') and with 'undo'. The data pipeline is timed in this process,
@@ -132,7 +132,7 @@ def main():
         'What the parts around the step cost train.py on this machine (2 CPU cores): resnet18 at 32x32, batch 64, '
         'SGD + timm Mixup, the image folder of benchmarks/vs_timm.py.',
         '',
-        f'Command: `python benchmarks/costs.py {" ".join(sys.argv[1:])}` (the step: '
+        f'Command: `{" ".join(["python benchmarks/costs.py", *sys.argv[1:]])}` (the step: '
         f'`{" ".join(speed_cmd[1:-2])}`)',
         '',
         '| per update | step time / bare SGD + Mixup step (median of interleaved rounds) |',
