@@ -178,11 +178,15 @@ class SAM(torch.optim.Optimizer):
         self._link_base()
         self.interval, self.perturbation = interval, perturb
         self.looksam = ReusedDirection(reuse) if reuse else None
-        self.sam_state = self.looksam.state if self.looksam else {}  # saved and undone with the base's state
         self.updates = 0  # updates made (undone ones do not count): every interval-th one is full
         self.saved_w = TensorCopy()  # w at the last perturb(): kept after restore() so a step can be undone
         self.is_perturbed = False  # the parameters are at w + e
         self._base_step_allowed = False
+
+    @property
+    def sam_state(self) -> dict:
+        """ LookSAM's g_v per parameter, shaped like the base's state: saved and undone with it. """
+        return self.looksam.state if self.looksam else {}
 
     def _link_base(self):
         # One set of groups and one state: LR schedules reach the base, and what a wrapper such as
@@ -329,8 +333,9 @@ class SAM(torch.optim.Optimizer):
         self._link_base()
         params = self._params()
         self.updates = sam['updates']
-        self.sam_state.clear()  # in place: it is LookSAM's own state
-        self.sam_state.update({params[int(i)]: {'reused': g_v.to(params[int(i)])} for i, g_v in sam['reused'].items()})
+        if self.looksam:
+            self.looksam.state = {params[int(i)]: {'reused': g_v.to(params[int(i)])}
+                                  for i, g_v in sam['reused'].items()}
 
 
 def check_options(rho, interval, reuse, perturb):
