@@ -73,6 +73,11 @@ BAD_INPUT = {
     'lr nan': (['--lr', 'nan'], '--lr', 'nan'),
     'lr negative': (['--lr', '-0.1'], '--lr', '-0.1'),
     'lr inf': (['--lr', 'inf'], '--lr'),
+    'lr beyond float32': (['--lr', '1e39'], "--lr 1e+39 is beyond what the parameters' dtype holds (float32, at most "
+                                            '3.403e+38): pass a smaller value'),
+    'weight decay beyond float16 parameters': (['--model-dtype', 'float16', '--weight-decay', '1e5'],
+                                               "--weight-decay 100000 is beyond what the parameters' dtype holds "
+                                               '(float16, at most 6.55e+04): pass a smaller value'),
     'weight decay negative': (['--weight-decay', '-1'], '--weight-decay'),
     'workers negative': (['--workers', '-1'], '--workers', '-1'),
     'epochs zero': (['--epochs', '0'], '--epochs'),

@@ -13,6 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
 import yaml
 from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
@@ -413,6 +414,21 @@ def _probability(args, *names):
             raise UsageError(f'--{name.replace("_", "-")} must be in [0, 1], got {value}')
 
 
+def _check_float_range(args, parser):
+    """ Every float flag within the parameters' dtype: the optimizer turns lr, weight decay, momentum, ... into
+    that dtype at the first update, and a value beyond it would stop the run there. """
+    dtype = args.model_dtype or 'float32'
+    largest = torch.finfo(getattr(torch, dtype)).max
+    for action in parser._actions:
+        values = getattr(args, action.dest, None)
+        if action.type is not float or values is None:
+            continue
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if math.isfinite(value) and abs(value) > largest:
+                raise UsageError(f'{_flag(action)} {value:g} is beyond what the parameters\' dtype holds ({dtype}, at '
+                                 f'most {largest:.4g}): pass a smaller value')
+
+
 def _check_efficient_sam(args):
     changed = [flag for flag, value, default in (('--sam-interval', args.sam_interval, 1),
                                                   ('--sam-reuse', args.sam_reuse, 0.0),
@@ -437,6 +453,7 @@ def check_args(args, parser=None):
         if action.dest in NOT_APPLICABLE and getattr(args, action.dest) != action.default:
             raise UsageError(f'{_flag(action)} is not supported here: {NOT_APPLICABLE[action.dest]}; '
                              f'drop it (or set it to its default, {action.default!r})')
+    _check_float_range(args, parser)
     for flag, name in (('--opt', args.opt), ('--sam-base', args.sam_base)):
         if registry_name(name) not in list_optimizers():
             raise UsageError(f'unknown optimizer {name!r} for {flag}: choose a name from '
