@@ -14,9 +14,13 @@ resume in tests/test_resume.py.
 import errno
 import json
 import math
+import os
 import resource
 import shlex
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-from helpers import SMALL_RUN, assert_bad_input, read_summary, run_train_py, train_main, train_module
+from helpers import ROOT, SMALL_RUN, assert_bad_input, read_summary, run_train_py, subprocess_env, train_main, \
+    train_module
 from timm_gmix import GMixup, gmix_step
 from timm_gmix.training import export
 from timm_gmix.training.errors import main_guard
@@ -421,3 +426,69 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     status, _, err, _ = run(capsys, [*SGD, '--epochs', '1', '--output', blocker / 'runs'])
     assert status == 2 and err.strip() == (f'error: cannot make a run folder in {blocker / "runs"} (Not a directory):'
                                            f' choose another --output'), err
+
+
+def read_only_below(folder):
+    """ Stands in for the file system of `folder` turning read-only: what would change a path below it fails with
+    EROFS, whether the path exists or not, as the kernel answers. """
+    folder = str(folder)
+
+    def refusing(call):
+        def refused(path, *args, **kwargs):
+            if str(path).startswith(folder):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return call(path, *args, **kwargs)
+        return refused
+    return {name: refusing(getattr(os, name)) for name in ('mkdir', 'unlink', 'rmdir', 'replace', 'rename')}
+
+
+def test_a_file_system_turned_read_only_before_the_first_save_is_one_line(tmp_path, capsys, monkeypatch):
+    """ The file system turns read-only after epoch 1 trained: one line with the OS's reason, however the clean-up
+    of the temporary fares; made writable, the same command trains the run again. """
+    run_dir = tmp_path / 'run'
+    argv = [*SGD, '--epochs', '1', '--output', tmp_path, '--experiment', 'run']
+    train = train_module()
+    save = train.save_state
+
+    def turned_read_only(*args):
+        for name, call in read_only_below(run_dir).items():
+            monkeypatch.setattr(os, name, call)
+        return save(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'save_state', turned_read_only)
+        status, _, err, _ = run(capsys, argv)
+        monkeypatch.undo()
+    assert status == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f'error: could not write {run_dir / "last"} (Read-only file system, '), line
+    assert line.endswith('MiB free there); no checkpoint was written yet'), line
+    status, out, err, _ = run(capsys, argv)
+    assert status == 0, err
+    assert 'starting it again' in out and position(run_dir / 'last') == [1, 0]
+
+
+def in_a_small_file_system(folder, size, command):
+    """ `command` with a tmpfs of `size` mounted on `folder`, in a user and mount namespace of its own (no root
+    needed, nothing outside changes); None where the system allows no such namespace. """
+    if not shutil.which('unshare') or subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'true'],
+                                                     capture_output=True).returncode:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    script = f'mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(folder))} && exec {shlex.join(command)}'
+    return subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=subprocess_env())
+
+
+def test_a_disk_that_fills_at_the_first_save_says_no_space_left(tmp_path):
+    """ A real full disk: 30 MiB hold the weights (20 MB) of the first state but not the optimizer's momentum,
+    which torch writes with a message of its own ('unexpected pos ...'); the line gives the OS's reason. """
+    output = tmp_path / 'output'
+    proc = in_a_small_file_system(output, '30m', [sys.executable, str(ROOT / 'train.py'), *map(str, SGD), '--epochs',
+                                                  '1', '--output', str(output), '--experiment', 'run'])
+    if proc is None:
+        pytest.skip('no user and mount namespaces here (unshare)')
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f'error: could not write {output / "run" / "last"} (No space left on device, '), line
+    assert line.endswith('MiB free there); no checkpoint was written yet'), line

@@ -123,29 +123,57 @@ class RunLock:
 # Writing without losing what is there
 
 
-def write_error(error: Exception) -> str:
-    """ What the operating system said about a failed write, from whichever library made it. """
+def write_error(error: Exception, folder=None) -> str:
+    """ What the operating system said about a failed write in `folder`, from whichever library made it. torch's
+    writer drops it ('unexpected pos 576 vs 534' for a full disk): then `folder` is written to again to hear it. """
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     found = re.search(r'(?:I/O error|message): "?([^"(]+?)"? \(?os error \d+\)?', str(error))
-    return found.group(1) if found else reason(error)
+    if found:
+        return found.group(1)
+    return (folder is not None and _probe(Path(folder))) or reason(re.sub(r'^\[enforce fail at [^]]*\] \.? *', '',
+                                                                          str(error)))
+
+
+def _probe(folder: Path) -> str:
+    """ The OS's reason why a small file cannot be written in `folder`, '' if it can. """
+    probe = folder / '.write-probe'
+    try:
+        with open(probe, 'wb') as f:
+            f.write(bytes(2 ** 16))
+            f.flush()
+            os.fsync(f.fileno())
+        return ''
+    except OSError as e:
+        return e.strerror or ''
+    finally:
+        clean_up(probe)
 
 
 def remove(path: Path):
-    """ Remove a file or folder if it is there. """
+    """ Remove a file or folder if it is there, asking nothing of the file system when it is not (a read-only one
+    refuses to remove even what is not there). """
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
-def write_failed(path: Path, error: Exception) -> Stopped:
-    """ The one line for a failed write of `path`, a file or folder of a run folder. """
+def clean_up(path: Path):
+    """ `remove` after a failed write: failing too (a read-only file system), it would hide why the write failed. """
+    try:
+        remove(path)
+    except OSError:
+        pass
+
+
+def write_failed(path: Path, why: str) -> Stopped:
+    """ The one line for a failed write of `path`, a file or folder of a run folder, for the OS's reason `why`. """
     try:
         free = f', {shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there'
     except OSError:
         free = ''
-    return Stopped(f'error: could not write {path} ({write_error(error)}{free}); {on_disk(path.parent)}')
+    return Stopped(f'error: could not write {path} ({why}{free}); {on_disk(path.parent)}')
 
 
 @contextmanager
@@ -155,13 +183,14 @@ def writing(path):
     with one line naming `path` and what on disk is intact. """
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    remove(tmp)
     try:
+        remove(tmp)
         yield tmp
         replace_dir(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
     except WRITE_ERRORS as e:
-        remove(tmp)
-        raise write_failed(path, e) from e
+        why = write_error(e, path.parent)
+        clean_up(tmp)
+        raise write_failed(path, why) from e
 
 
 def replace_dir(tmp: Path, final: Path):
@@ -174,6 +203,14 @@ def replace_dir(tmp: Path, final: Path):
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def delete(folder: Path):
+    """ Remove a folder of the run, failing as a write does. """
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        raise write_failed(folder, write_error(e)) from e
 
 
 def _link_tree(source: Path, target: Path):
@@ -237,8 +274,9 @@ def save_state(accelerator, folder, meta: dict) -> Path:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             replace_dir(tmp, folder)
     except WRITE_ERRORS as e:
-        remove(tmp)
-        raise write_failed(folder, e) from e
+        why = write_error(e, folder.parent)
+        clean_up(tmp)
+        raise write_failed(folder, why) from e
     accelerator.wait_for_everyone()
     return folder
 
@@ -273,7 +311,10 @@ def set_aside_recovery(run_dir):
     """ After a divergence: a recovery state newer than last/ may already be past it (it has no validation), so
     it becomes recovery-diverged/, which `--resume RUN` does not take. Main process only. """
     if (Path(run_dir) / RECOVERY).is_dir():
-        replace_dir(Path(run_dir) / RECOVERY, Path(run_dir) / DIVERGED)
+        try:
+            replace_dir(Path(run_dir) / RECOVERY, Path(run_dir) / DIVERGED)
+        except OSError as e:
+            raise write_failed(Path(run_dir) / DIVERGED, write_error(e)) from e
 
 
 @dataclass
@@ -374,8 +415,8 @@ class CheckpointKeeper:
             _link_tree(self.run_dir / LAST, self.run_dir / f'checkpoint-{last_epoch}')
         for path in self.run_dir.glob('checkpoint-*'):
             if (m := _BEST.match(path.name)) and int(m.group(1)) not in kept:
-                shutil.rmtree(path)
+                delete(path)
         if export_best is not None and self.best[1] == last_epoch:
             export_best()
         if (self.run_dir / RECOVERY).is_dir() and not newest_state(self.run_dir).name == RECOVERY:
-            shutil.rmtree(self.run_dir / RECOVERY)  # superseded by last/, which is complete
+            delete(self.run_dir / RECOVERY)  # superseded by last/, which is complete
