@@ -175,7 +175,7 @@ def test_bn_stats_come_from_the_ascent_pass_only(mode, make_cnn, make_batch):
                          ids=['sam', 'looksam', 'msam'])
 def test_g_step_reads_the_device_once(options, make_cnn, make_batch, textbook):
     """ One G-Mix update (SAM around SGD with momentum, mixed batch, BatchNorm) makes exactly 1 host sync:
-    reading the skip decision after the step (`all_agree` in step.py); so do the full and the one-pass updates
+    reading the skip decision after the step (`all_agree` in guard.py); so do the full and the one-pass updates
     of LookSAM, and MSAM's. Counted with `torch.cuda.set_sync_debug_mode('warn')`, which warns at every
     synchronizing CUDA call (a read of a device value, a blocking host-to-device copy), after two warm-up
     steps. """

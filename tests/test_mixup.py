@@ -182,12 +182,10 @@ def hand_made_batch(lam=LAM):
 
 
 def identify(batch, inputs, targets, weights):
-    """ {('mixed', i) or ('clean', i): weight} for the rows of a descent batch, padding (weight 0) left out;
-    checks each row's target and that no example appears twice. """
+    """ {('mixed', i) or ('clean', i): weight} for the rows of a descent batch, in row order; checks each row's
+    target and that no example appears twice. """
     found = {}
     for row, target, weight in zip(inputs, targets, weights):
-        if weight == 0:
-            continue
         matches = [(kind, i) for kind, source in (('mixed', batch.inputs), ('clean', batch.clean_inputs))
                    for i in range(len(source)) if torch.equal(row, source[i])]
         assert len(matches) == 1, 'a descent row is not exactly one mixed or clean example'
@@ -242,23 +240,24 @@ def test_descent_batch_weights(mode, flagged):
 
 
 @pytest.mark.parametrize('batch_size, gamma', [(16, 0.5), (64, 0.5), (64, 0.25), (32, 0.1)])
-def test_dg_descent_batch_takes_few_sizes(batch_size, gamma):
-    """ B - F mixed and F..2F clean rows, padded with zero-weight copies of its last row to B + k * ceil(F / 4):
-    at most five sizes, whatever the flagged set. """
-    step = -(-num_flagged(batch_size, gamma) // 4)
+@pytest.mark.parametrize('mode', ['bg', 'dg'])
+def test_descent_batch_is_its_rows_and_no_other_in_example_order(mode, batch_size, gamma):
+    """ No row is added (a padding row would count in BatchNorm's batch statistics): a bg batch has B rows, a dg
+    batch exactly its B - F mixed and F..2F clean rows; rows stand by the example they come from, the mixed row
+    of i before the clean x_i, so micro-batches hold mixed and clean rows of their own part of the batch. """
     sizes = set()
     for seed in range(40):
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(batch_size, 3, 4, 4, generator=g), torch.randint(0, 10, (batch_size,), generator=g)
-        batch = seeded(GMixup(mode='dg', gmix_ratio=gamma, label_smoothing=0.1, num_classes=10).mix, seed, x, y)
+        batch = seeded(GMixup(mode=mode, gmix_ratio=gamma, label_smoothing=0.1, num_classes=10).mix, seed, x, y)
         flagged = flag_examples(torch.rand(batch_size, generator=g), gamma)
-        inputs, targets, weights = batch.descent_batch(flagged, 'dg')
-        unpadded = len(textbook_weights(batch.lam, flagged, 'dg'))
-        assert len(inputs) == len(targets) == len(weights) == batch_size + -(-(unpadded - batch_size) // step) * step
-        assert torch.equal(weights[unpadded:], torch.zeros(len(inputs) - unpadded))
-        assert torch.equal(inputs[unpadded:], inputs[unpadded - 1].expand_as(inputs[unpadded:]))
+        inputs, targets, weights = batch.descent_batch(flagged, mode)
+        found = identify(batch, inputs, targets, weights)
+        assert len(inputs) == len(targets) == len(weights) == len(found) == \
+            len(textbook_weights(batch.lam, flagged, mode))
+        assert list(found) == sorted(found, key=lambda key: (key[1], key[0] == 'clean'))
         sizes.add(len(inputs))
-    assert len(sizes) <= 5 and all((size - batch_size) % step == 0 for size in sizes)
+    assert sizes == {batch_size} if mode == 'bg' else len(sizes) > 1
 
 
 def test_descent_batch_dg_with_cutmix_uses_the_area_lam():

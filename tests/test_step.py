@@ -402,3 +402,46 @@ def test_accelerator_gives_the_same_update(mode, accelerator, make_mlp, make_bat
     check_params(accelerator.unwrap_model(wrapped), dict(plain.named_parameters()), rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match='GradScaler'):
         gmix_step(wrapped, wrapped_opt, x, y, accelerator=accelerator, scaler=torch.amp.GradScaler('cpu'))
+
+
+def test_agc_leaves_the_classifier_head_alone_as_timm_does():
+    """ timm's train.py clips with `model_parameters(model, exclude_head='agc' in clip_mode)`: adaptive clipping
+    of every parameter but the head's weight and bias. The reference is that timm loop on a copy of a timm ResNet;
+    the two sides make the same passes, summed in another order (the mean against a sum / B), hence the float32
+    tolerance. At clip 0.01 the head's gradient would be cut to a small fraction if it were clipped. """
+    import timm
+    from timm.models import model_parameters
+    from timm.utils import dispatch_clip_grad
+    torch.manual_seed(0)
+    model = timm.create_model('resnet10t', num_classes=10).train()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = create_optimizer_v2(model, opt='momentum', lr=LR, momentum=0., weight_decay=0.)
+    ref_opt = create_optimizer_v2(reference, opt='momentum', lr=LR, momentum=0., weight_decay=0.)
+    F.cross_entropy(reference(x), y).backward()
+    unclipped_head = reference.fc.weight.grad.clone()
+    dispatch_clip_grad(model_parameters(reference, exclude_head=True), 0.01, mode='agc')
+    assert torch.equal(reference.fc.weight.grad, unclipped_head)
+    ref_opt.step()
+    w_fc = model.fc.weight.detach().clone()
+    assert not gmix_step(model, opt, x, y, clip_grad=0.01, clip_mode='agc').skipped
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close((w_fc - model.fc.weight) / LR, unclipped_head, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_under_batchnorm_normalizes_each_micro_batch_by_itself(make_cnn, make_batch):
+    """ With BatchNorm in training mode, accum_steps=K gives the gradient of K micro-batches each normalized over
+    its own rows (timm's --grad-accum-steps: each loader batch by itself), not the whole batch's. """
+    x, y = make_batch(8)
+    model = make_cnn().train()
+    reference, whole = copy.deepcopy(model), copy.deepcopy(model)
+    loss = sum(F.cross_entropy(reference(xc), yc, reduction='sum') for xc, yc in zip(x.split(4), y.split(4))) / 8
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    whole_grads = torch.autograd.grad(F.cross_entropy(whole(x), y), list(whole.parameters()))
+    expected = [p.detach() - LR * g for p, g in zip(model.parameters(), grads)]
+    opt = create_optimizer_v2(model, opt='momentum', lr=LR, momentum=0., weight_decay=0.)
+    assert not gmix_step(model, opt, x, y, accum_steps=2).skipped
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
+    assert max(float((g - h).abs().max()) for g, h in zip(grads, whole_grads)) > 1e-3

@@ -13,7 +13,7 @@ Two levels (`gmix_step(guard=...)`, train.py's `--step-guard`):
 With `skip`, such an update is not undone: its non-finite weights make the next updates non-finite, which are
 skipped, and train.py stops after --max-bad-steps of them; no state with a non-finite value is ever saved.
 """
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -52,6 +52,15 @@ def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.T
     return torch.stack(flags).all()
 
 
+def all_agree(flags: List[torch.Tensor], accelerator=None) -> List[bool]:
+    """ The one host read of a step. A flag is true only where it is true on every replica: replicas must take
+    the same branch, or the next all-reduce waits forever. """
+    flags = torch.stack(flags)
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
+    return flags.tolist()
+
+
 def update_is_finite(optimizer: torch.optim.Optimizer, device: torch.device, buffers=()) -> torch.Tensor:
     """ A 0-d bool on `device`: the parameters, the optimizer state and `buffers` (the model's: BatchNorm
     statistics overflow too) are finite. """
@@ -80,6 +89,27 @@ class StepGuard:
 
     def restore_buffers(self):
         self._model_buffers.restore()
+
+    def guarded(self, level: str, optimizer, update: Callable[[], None], checks: List[torch.Tensor],
+                accelerator=None, buffers=(), weights: Optional[TensorCopy] = None) -> Tuple[bool, bool]:
+        """ Make `update` if every check of the passes (0-d bools) holds on every replica, at `level`; returns
+        (made, diverged): diverged when the checks held but the update left a non-finite value (`undo` only),
+        in which case it was undone. `buffers` are the model's, checked with the update at level `undo`. """
+        if level == 'undo':  # made, then undone if it failed: the decision needs one host read either way
+            self.save(optimizer, weights)
+            update()
+            *passes_ok, update_ok = all_agree(checks + [update_is_finite(optimizer, checks[0].device, buffers)],
+                                              accelerator)
+            made = all(passes_ok) and update_ok
+            if not made:
+                self.undo()
+            return made, all(passes_ok) and not update_ok
+        made = all(all_agree(checks, accelerator))
+        if made:
+            update()
+        else:
+            self.restore_buffers()
+        return made, False
 
     def save(self, optimizer: torch.optim.Optimizer, weights: Optional[TensorCopy] = None):
         """ `weights`: an exact copy of the parameters already made (SAM's w), used instead of making one. """

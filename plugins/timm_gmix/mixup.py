@@ -18,6 +18,7 @@ from timm.data.mixup import mixup_target
 
 TIMM_MODES = ('batch', 'pair', 'elem')
 GMIX_MODES = ('g', 'bg', 'dg')
+PARTITION_MODES = ('bg', 'dg')  # the modes that flag examples and change the descent batch
 FLAG_CHOICES = ('largest', 'smallest')
 
 
@@ -52,41 +53,37 @@ class MixedBatch:
         return (self.lam < 1) & (differ.flatten(1).any(1) if differ.ndim > 1 else differ)
 
     def descent_batch(self, flagged: torch.Tensor, mode: str):
-        """ Inputs, targets and loss weights of the descent pass.
+        """ Inputs, targets and loss weights of the descent pass: exactly the rows of the spec's descent batch.
 
         Unflagged mixed examples keep weight 1. A flagged example i becomes its clean anchor x_i with
         weight 1 (`bg`), or its constituents x_i and x_partner(i) with weights lam_i and 1 - lam_i
         (`dg`); a clean example needed twice is forwarded once with the summed weight.
-        With nothing flagged this is the mixed batch itself, in order.
+        With nothing flagged this is the mixed batch itself. A `bg` batch has B rows; a `dg` batch B - F mixed and
+        F to 2F clean rows (F flagged), so its size varies from step to step: no row is added to fix it, since
+        under BatchNorm in training mode every row counts in the batch statistics.
 
-        A `bg` batch always has B rows. A `dg` batch has B - F mixed and F to 2F clean rows (F flagged): it is
-        padded with rows of weight 0 (copies of its last row) to B + k * ceil(F / 4) rows, k = 0..4, so that a
-        compiled model or cuDNN meets at most five shapes. Without BatchNorm in training mode padding changes no
-        loss or gradient; with it, the padding rows enter the batch statistics and so shift the others a little.
+        Rows stand in the order of the examples they come from (the mixed row of i, then the clean x_i), so
+        that micro-batches of `accum_steps` each hold mixed and clean rows of their own part of the batch.
         """
+        if mode not in PARTITION_MODES:
+            raise ValueError(f'descent_batch: mode must be one of {", ".join(PARTITION_MODES)}, got {mode!r}')
         keep = ~flagged
         if not flagged.any():
             return self.inputs, self.targets, torch.ones(len(self.inputs), device=self.inputs.device)
         if mode == 'bg':
             clean_weight = flagged.float()
-        elif mode == 'dg':
+        else:
             lam = self.lam.float()
             clean_weight = torch.zeros_like(lam)
             clean_weight.index_add_(0, flagged.nonzero().squeeze(1), lam[flagged])
             clean_weight.index_add_(0, self.partner[flagged], 1 - lam[flagged])
-        else:
-            raise ValueError(f'descent_batch: mode must be bg or dg, got {mode!r}')
         needed = clean_weight > 0
-        inputs = torch.cat([self.inputs[keep], self.clean_inputs[needed]])
-        targets = torch.cat([self.targets[keep], self.clean_targets[needed]])
-        weights = torch.cat([torch.ones(int(keep.sum()), device=clean_weight.device), clean_weight[needed]])
-        if mode == 'dg':
-            num_flagged = len(self.inputs) - int(keep.sum())
-            step = -(-num_flagged // 4)
-            padding = -(len(inputs) - len(self.inputs)) % step
-            last = torch.full((padding,), len(inputs) - 1, device=inputs.device)
-            inputs, targets = torch.cat([inputs, inputs[last]]), torch.cat([targets, targets[last]])
-            weights = torch.cat([weights, weights.new_zeros(padding)])
+        index = torch.arange(len(self.inputs), device=self.inputs.device)
+        # position 2i: mixed row of i, 2i + 1: clean x_i; a stable sort keeps that order
+        order = torch.cat([2 * index[keep], 2 * index[needed] + 1]).argsort(stable=True)
+        inputs = torch.cat([self.inputs[keep], self.clean_inputs[needed]])[order]
+        targets = torch.cat([self.targets[keep], self.clean_targets[needed]])[order]
+        weights = torch.cat([torch.ones(int(keep.sum()), device=clean_weight.device), clean_weight[needed]])[order]
         return inputs, targets, weights
 
 

@@ -4,7 +4,8 @@
     2. e from the ascent gradient; w <- w + e
     3. bg/dg only: sensitivity forward at w + e without gradient, flag ceil(gamma * B) examples
     4. descent pass at w + e on the descent batch (the mixed batch for g)
-    5. restore w by copy (also when the pass at w + e raises), unscale, clip, step the base optimizer
+    5. restore w by copy (also when the pass at w + e raises), unscale, clip, step the base optimizer, as the
+       guard decides (`StepGuard.guarded`)
 
 Every pass at w + e normalizes with batch statistics but leaves BatchNorm running statistics as
 they were. Dropout and drop-path draw fresh masks in each pass. With an optimizer that is not SAM the
@@ -25,6 +26,7 @@ optimizer state non-finite. Host syncs: one per update on the g path and for a p
 (which every replica shares). After a non-finite ascent the pass at w + e runs at NaN weights, so that a
 GradScaler sees the overflow and backs off. BG/DG add the reads that selecting the flagged examples needs.
 """
+import functools
 import math
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -34,10 +36,11 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
 
-from .guard import GUARDS, StepGuard, update_is_finite
-from .mixup import GMixup, MixedBatch
+from .guard import GUARDS, StepGuard, all_finite
+from .mixup import PARTITION_MODES, GMixup, MixedBatch
 from .sam import find_sam
 from .sensitivity import flag_examples
 
@@ -58,8 +61,8 @@ class StepResult:
     no pass at w). `skipped`: no update was made (non-finite loss or gradient, or `diverged`). `diverged`: the
     gradients were finite but the update made weights or optimizer state non-finite, so it was undone (guard
     'undo' only). `full_step`: the two-pass SAM step was made (not a plain optimizer, nor SAM's one-pass updates
-    between full steps). For bg/dg full steps: per-example `sensitivity`, the `flagged` mask and
-    `mixes_two_classes` (None when the pass at w was not finite). """
+    between full steps). For bg/dg full steps whose update was made: per-example `sensitivity`, the `flagged` mask
+    and `mixes_two_classes` (None otherwise). """
     loss: torch.Tensor
     skipped: bool
     sensitivity: Optional[torch.Tensor] = None
@@ -125,40 +128,77 @@ class Passes:
             return torch.cat([self.loss_fn(self.model(xc), yc) for xc, yc in self._micro_batches(x, y)])
 
 
-def finite(*tensors: torch.Tensor) -> torch.Tensor:
-    """ A 0-d bool: every element of every tensor is finite. """
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+@dataclass
+class PassResults:
+    """ What the passes of one update leave besides the gradients in `.grad`: the per-example losses at w (None
+    for G-Mix with a momentum perturbation, which makes no pass at w), those of the pass the gradient is from,
+    whether the pass at w was finite (a 0-d bool, on the device), and for bg/dg the sensitivity and the flags. """
+    loss_w: Optional[torch.Tensor]
+    loss_descent: torch.Tensor
+    ascent_ok: torch.Tensor
+    sensitivity: Optional[torch.Tensor] = None
+    flagged: Optional[torch.Tensor] = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return (self.loss_descent if self.loss_w is None else self.loss_w).mean()
 
 
-def sam_passes(sam, optimizer, model, passes: Passes, batch: MixedBatch, mixup_fn, mode: str, sync_ascent: bool):
-    """ The passes of a full SAM step: the gradient at w (with a momentum perturbation: only the losses at w that
-    bg/dg need), then at w + e the sensitivity and flagging (bg/dg) and the descent gradient, with w restored
-    however they end. Returns (losses at w or None, descent losses, sensitivity, flagged, ascent finite). """
-    ascent_ok, grad_norm, loss_w = torch.ones((), dtype=torch.bool, device=batch.inputs.device), None, None
+def one_pass(passes: Passes, batch: MixedBatch) -> PassResults:
+    """ A plain optimizer, or SAM between its full steps: one pass on the mixed batch at w. """
+    losses = passes.gradient(batch.inputs, batch.targets)
+    return PassResults(losses, losses, torch.ones((), dtype=torch.bool, device=losses.device))
+
+
+def sam_passes(sam, optimizer, model, passes: Passes, batch: MixedBatch, mixup_fn, mode: str,
+               sync_ascent: bool) -> PassResults:
+    """ Steps 1-4: the gradient at w (with a momentum perturbation: only the losses at w that bg/dg need), then at
+    w + e the sensitivity and flagging (bg/dg) and the descent gradient, with w restored however they end. """
+    device = batch.inputs.device
+    ascent_ok, grad_norm, loss_w = torch.ones((), dtype=torch.bool, device=device), None, None
     if sam.perturbation == 'gradient':
         loss_w = passes.gradient(batch.inputs, batch.targets, sync=sync_ascent)
         grad_norm = sam.grad_norm()
-        ascent_ok = finite(loss_w, grad_norm)
+        ascent_ok = all_finite([loss_w, grad_norm], device)
         grad_norm = torch.where(ascent_ok, grad_norm, float('nan'))  # a NaN w + e: a GradScaler sees the overflow
-    elif mode in ('bg', 'dg'):  # momentum: the losses at w for the sensitivity, and BatchNorm's statistics
+    elif mode in PARTITION_MODES:  # momentum: the losses at w for the sensitivity, and BatchNorm's statistics
         loss_w = passes.losses(batch.inputs, batch.targets)
-        ascent_ok = finite(loss_w)
-    sensitivity = flagged = None
+        ascent_ok = all_finite([loss_w], device)
+    result = PassResults(loss_w, loss_w, ascent_ok)
     try:
         with sam.perturbed(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             with frozen_bn_stats(model) if loss_w is not None else nullcontext():
-                if mode in ('bg', 'dg'):
-                    sensitivity = passes.losses(batch.inputs, batch.targets) - loss_w
-                    flagged = flag_examples(sensitivity, mixup_fn.gmix_ratio, mixup_fn.gmix_flag == 'largest')
-                    x, y, weights = batch.descent_batch(flagged, mode)
-                else:  # g: the mixed batch again (descent_batch would read `flagged` on the host)
-                    x, y, weights = batch.inputs, batch.targets, None
-                loss_e = passes.gradient(x, y, weights)
+                x, y, weights = batch.inputs, batch.targets, None
+                if mode in PARTITION_MODES:
+                    result.sensitivity = passes.losses(batch.inputs, batch.targets) - loss_w
+                    result.flagged = flag_examples(result.sensitivity, mixup_fn.gmix_ratio,
+                                                   mixup_fn.gmix_flag == 'largest')
+                    x, y, weights = batch.descent_batch(result.flagged, mode)
+                result.loss_descent = passes.gradient(x, y, weights)
     except BaseException:
         optimizer.zero_grad(set_to_none=True)
         raise
-    return loss_w, loss_e, sensitivity, flagged, ascent_ok
+    return result
+
+
+def make_update(optimizer, sam, model, params, grad_norm, full: bool, clip_grad, clip_mode: str, accelerator=None):
+    """ Step 5 once the gradients are unscaled: LookSAM's reused direction, clipping, the base optimizer's step. """
+    if sam is not None and sam.looksam:
+        reuse_gradient(sam, full, accelerator)
+        grad_norm = None  # the reused direction changed the gradient
+    if clip_grad is not None:
+        clip(model, params, clip_grad, clip_mode, grad_norm)
+    with sam.base_step() if sam is not None else nullcontext():
+        optimizer.step()
+
+
+def mixed_batch(mixup_fn, inputs: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+    if isinstance(mixup_fn, GMixup):
+        return mixup_fn.mix(inputs, targets)
+    if mixup_fn is not None:
+        return MixedBatch.unmixed(*mixup_fn(inputs, targets))
+    return MixedBatch.unmixed(inputs, targets)
 
 
 _GUARDS = weakref.WeakKeyDictionary()  # optimizer -> its StepGuard, so the copies outlive one step
@@ -188,9 +228,11 @@ def gmix_step(
         loss_fn: per-example loss `loss_fn(logits, targets) -> (B,)`
         accelerator: runs the passes under its autocast, `no_sync` and GradScaler
         scaler: a GradScaler, for use without an accelerator (with one, its own scaler is used)
-        clip_grad, clip_mode: as timm's `--clip-grad`/`--clip-mode`, applied to unscaled gradients
+        clip_grad, clip_mode: as timm's `--clip-grad`/`--clip-mode`, applied to unscaled gradients (`agc` leaves
+            the classifier head out, as timm does)
         sync_ascent: all-reduce the ascent gradient too (the perturbation then uses the global norm)
-        accum_steps: split the batch in this many micro-batches; the update equals the whole-batch one
+        accum_steps: split the batch in this many micro-batches; the gradient adds up to the whole batch's
+            (BatchNorm in training mode normalizes each micro-batch over its own rows)
         guard: 'skip' or 'undo' (see `timm_gmix.guard`)
     """
     check_step_arguments(len(inputs), clip_grad, clip_mode, accum_steps, guard)
@@ -203,69 +245,38 @@ def gmix_step(
     stepper = getattr(optimizer, 'optimizer', optimizer) if accelerator is not None else optimizer
     sam = find_sam(stepper)
     mode = getattr(mixup_fn, 'gmix_mode', None) or 'g'
-    if mode in ('bg', 'dg') and sam is None:
+    if mode in PARTITION_MODES and sam is None:
         raise ValueError(f'mixup mode {mode!r} needs the SAM optimizer (--opt gmix_sam)')
 
-    if isinstance(mixup_fn, GMixup):
-        batch = mixup_fn.mix(inputs, targets)
-    elif mixup_fn is not None:
-        batch = MixedBatch.unmixed(*mixup_fn(inputs, targets))
-    else:
-        batch = MixedBatch.unmixed(inputs, targets)
+    batch = mixed_batch(mixup_fn, inputs, targets)
     passes = Passes(model, loss_fn, accelerator, scaler, accum_steps, len(batch.inputs))
-    copies = _GUARDS.setdefault(stepper, StepGuard())
-    copies.save_buffers(model)
-
+    step_guard = _GUARDS.setdefault(stepper, StepGuard())
+    step_guard.save_buffers(model)
     full = sam is not None and sam.is_full_step()
-    sensitivity = flagged = None
     if full:
-        loss_w, loss_e, sensitivity, flagged, ascent_ok = sam_passes(
-            sam, stepper, model, passes, batch, mixup_fn, mode, sync_ascent)
-    else:  # a plain optimizer, or SAM between its full steps: one pass on the mixed batch
-        loss_w = loss_e = passes.gradient(batch.inputs, batch.targets)
-        ascent_ok = torch.ones((), dtype=torch.bool, device=loss_e.device)
+        result = sam_passes(sam, stepper, model, passes, batch, mixup_fn, mode, sync_ascent)
+    else:
+        result = one_pass(passes, batch)
+
     if scaler is not None:
         scaler.unscale_(stepper)
     params = [p for group in stepper.param_groups for p in group['params'] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    checks = [ascent_ok, finite(grad_norm, loss_e)]
-
-    def update():
-        """ LookSAM's reused direction, clipping, and the base optimizer's step. """
-        norm = grad_norm
-        if sam is not None and sam.looksam:
-            reuse_gradient(sam, full, accelerator if not sync_ascent else None)
-            norm = None
-        if clip_grad is not None:
-            clip(params, clip_grad, clip_mode, norm)
-        with sam.base_step() if sam is not None else nullcontext():
-            stepper.step()
-
-    if guard == 'undo':  # made, then undone if it failed: the decision needs one host read either way
-        copies.save(stepper, sam.saved_w if full else None)
-        update()
-        checks.append(update_is_finite(stepper, ascent_ok.device, model.buffers()))
-        ascent_ok, descent_ok, update_ok = all_agree(checks, accelerator)
-        made = ascent_ok and descent_ok and update_ok
-        if not made:
-            copies.undo()
-    else:
-        ascent_ok, descent_ok = all_agree(checks, accelerator)
-        made = update_ok = ascent_ok and descent_ok
-        if made:
-            update()
-        else:
-            copies.restore_buffers()
-    result = StepResult(loss=(loss_e if loss_w is None else loss_w).mean(), skipped=not made,
-                        diverged=ascent_ok and descent_ok and not update_ok, full_step=full)
-    if sensitivity is not None and ascent_ok:
-        result.sensitivity, result.flagged, result.mixes_two_classes = sensitivity, flagged, batch.mixes_two_classes
+    update = functools.partial(make_update, stepper, sam, model, params, grad_norm, full, clip_grad, clip_mode,
+                               accelerator if not sync_ascent else None)
+    checks = [result.ascent_ok, all_finite([grad_norm, result.loss_descent], grad_norm.device)]
+    made, diverged = step_guard.guarded(guard, stepper, update, checks, accelerator, model.buffers(),
+                                        weights=sam.saved_w if full else None)
     if made and sam is not None:
         sam.count_update()
     if scaler is not None:
         scaler.update()
     stepper.zero_grad(set_to_none=True)
-    return result
+    step = StepResult(loss=result.loss, skipped=not made, diverged=diverged, full_step=full)
+    if made and result.sensitivity is not None:
+        step.sensitivity, step.flagged, step.mixes_two_classes = result.sensitivity, result.flagged, \
+            batch.mixes_two_classes
+    return step
 
 
 def check_step_arguments(batch_size: int, clip_grad, clip_mode: str, accum_steps, guard: str):
@@ -281,23 +292,19 @@ def check_step_arguments(batch_size: int, clip_grad, clip_mode: str, accum_steps
         raise ValueError(f'unknown guard {guard!r}: choose one of {", ".join(GUARDS)}')
 
 
-def clip(params: List[torch.Tensor], clip_grad: float, clip_mode: str, norm: Optional[torch.Tensor] = None):
-    """ timm's clipping of the (unscaled) gradients; `norm`: their total norm, when it is known already. """
+def clip(model: torch.nn.Module, params: List[torch.Tensor], clip_grad: float, clip_mode: str,
+         norm: Optional[torch.Tensor] = None):
+    """ timm's clipping of the (unscaled) gradients `params`; `norm`: their total norm, when it is known already.
+    `agc` clips every parameter of `model` but its classifier head (timm's `exclude_head='agc' in clip_mode`). """
     if clip_mode == 'norm':
         if norm is None:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+    elif clip_mode == 'agc':
+        body = [p for p in model_parameters(model, exclude_head=True) if p.grad is not None]
+        dispatch_clip_grad(body, clip_grad, mode=clip_mode)
     else:
         dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-
-
-def all_agree(flags: List[torch.Tensor], accelerator=None) -> List[bool]:
-    """ The one host read of a step. A flag is true only where it is true on every replica: replicas must take
-    the same branch, or the next all-reduce waits forever. """
-    flags = torch.stack(flags)
-    if accelerator is not None and accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags.float(), reduction='sum') == accelerator.num_processes
-    return flags.tolist()
 
 
 def reuse_gradient(sam, full: bool, accelerator=None):
