@@ -1,6 +1,6 @@
 """ gmix_step never leaves a bad state behind: w comes back when the pass at w + e raises, a non-finite loss or
 gradient skips the update (guard 'skip', the default), an update that makes weights or optimizer state
-non-finite is undone bit for bit (guard 'undo'), a normal step is the per-parameter computation bit for bit, SAM
+non-finite is undone bit for bit (guard 'undo'), a normal step is the per-parameter computation (to float32 rounding), SAM
 reuses its buffers, and the g path reads one value on the host. """
 import copy
 
@@ -52,16 +52,27 @@ def snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()['state']), groups
 
 
-def assert_same(snap, other, groups_too=True):
+def assert_same(snap, other, groups_too=True, **tolerance):
+    """ Bit for bit, or to `tolerance` (assert_close's rtol, atol) when the two sides ran different kernels. """
     (weights, state, groups), (weights2, state2, groups2) = snap, other
     assert weights.keys() == weights2.keys() and state.keys() == state2.keys()
     assert groups == groups2 or not groups_too
+
+    def same(a, b, what):
+        if tolerance:
+            torch.testing.assert_close(a, b, **tolerance, msg=str(what))
+        else:
+            assert torch.equal(a, b), what
+
     for n in weights:
-        assert torch.equal(weights[n], weights2[n]), n
+        same(weights[n], weights2[n], n)
     for i in state:
         assert state[i].keys() == state2[i].keys(), i
         for k, v in state[i].items():
-            assert torch.equal(v, state2[i][k]) if torch.is_tensor(v) else v == state2[i][k], (i, k)
+            if torch.is_tensor(v):
+                same(v, state2[i][k], (i, k))
+            else:
+                assert v == state2[i][k], (i, k)
 
 
 def twins(make_mlp, name, steps, batches):
@@ -228,7 +239,7 @@ def test_all_finite(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# A normal step is the per-parameter computation, bit for bit
+# A normal step is the per-parameter computation
 
 
 def reference_step(model, base, x, y, rho=None, adaptive=False):
@@ -260,7 +271,11 @@ def reference_step(model, base, x, y, rho=None, adaptive=False):
 @pytest.mark.parametrize('name, adaptive', [
     ('sam/sgd', False), ('sam/sgd', True), ('sam/adamw', False), ('sgd', False), ('adamw', False),
 ], ids=['sam', 'asam', 'sam-adamw', 'sgd', 'adamw'])
-def test_normal_steps_are_bit_exact(name, adaptive, make_mlp, make_batch):
+def test_normal_steps_are_the_per_parameter_computation(name, adaptive, make_mlp, make_batch):
+    """ The package's foreach perturbation and restore against SAM written parameter by parameter. The two run
+    different kernels (foreach against per-tensor, whose vectorized paths round differently from one CPU to
+    another: seen on an AMD EPYC for AdamW), so they agree to float32 rounding over three steps, not bit for bit;
+    a wrong perturbation or a w not restored would be off by about rho or lr. """
     model, reference = make_mlp(), make_mlp()
     rho = 0.5 if adaptive else 0.05
     kwargs = dict(lr=LR, weight_decay=1e-3, momentum=0.9)
@@ -274,7 +289,8 @@ def test_normal_steps_are_bit_exact(name, adaptive, make_mlp, make_batch):
         x, y = make_batch(8, seed=seed)
         assert not gmix_step(model, opt, x, y).skipped
         reference_step(reference, base, x, y, rho, adaptive)
-    assert_same(snapshot(model, opt), snapshot(reference, base), groups_too=False)  # SAM's add rho, adaptive
+    assert_same(snapshot(model, opt), snapshot(reference, base), groups_too=False,  # SAM's add rho, adaptive
+                rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
