@@ -95,21 +95,26 @@ def _is_number(value, low, high, low_open=False, high_open=False) -> bool:
 CHECKED = ('mixup_alpha', 'cutmix_alpha', 'cutmix_minmax', 'prob', 'switch_prob', 'label_smoothing', 'num_classes')
 
 
-def check_mixing(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, label_smoothing, num_classes):
-    """ ValueError for arguments of timm's `Mixup` that would fail later inside timm, or silently. """
+def check_mixing(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, label_smoothing, num_classes=None,
+                 names: Optional[dict] = None):
+    """ ValueError for arguments of timm's `Mixup` that would fail later inside timm, or silently. `names` says
+    what to call each argument in the message (train.py passes its flags); `num_classes` None: not known yet. """
+    n = {**{name: name for name in CHECKED}, **(names or {})}
     for name, value in (('mixup_alpha', mixup_alpha), ('cutmix_alpha', cutmix_alpha)):
         if not _is_number(value, 0, math.inf):
-            raise ValueError(f'{name} must be zero (off) or a positive number, got {value!r}')
+            raise ValueError(f'{n[name]} must be zero (off) or a positive number, got {value!r}')
     for name, value in (('prob', prob), ('switch_prob', switch_prob)):
         if not _is_number(value, 0, 1):
-            raise ValueError(f'{name} is a probability: it must be in [0, 1], got {value!r}')
+            raise ValueError(f'{n[name]} is a probability: it must be in [0, 1], got {value!r}')
     if not _is_number(label_smoothing, 0, 1, high_open=True):
-        raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing!r}')
-    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 1):
-        raise ValueError(f'num_classes must be a whole number of classes, 1 or more, got {num_classes!r}')
+        raise ValueError(f'{n["label_smoothing"]} must be in [0, 1), got {label_smoothing!r}')
+    if num_classes is not None and not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
+                                        and num_classes >= 1):
+        raise ValueError(f'{n["num_classes"]} must be a whole number of classes, 1 or more, got {num_classes!r}')
     if cutmix_minmax is not None and not (len(cutmix_minmax) == 2 and _is_number(cutmix_minmax[0], 0, 1, low_open=True)
                                           and _is_number(cutmix_minmax[1], cutmix_minmax[0], 1, low_open=True)):
-        raise ValueError(f'cutmix_minmax must be (min, max) with 0 < min < max <= 1, got {cutmix_minmax!r}')
+        raise ValueError(f'{n["cutmix_minmax"]} must be MIN MAX with 0 < MIN < MAX <= 1, got '
+                         f'{" ".join(map(str, cutmix_minmax))}')
 
 
 class GMixup(Mixup):

@@ -338,21 +338,28 @@ class SAM(torch.optim.Optimizer):
                                   for i, g_v in sam['reused'].items()}
 
 
-def check_options(rho, interval, reuse, perturb):
-    """ ValueError for a SAM setting that cannot train as asked. """
+OPTION_NAMES = {name: name for name in ('rho', 'interval', 'reuse', 'perturb')}
+
+
+def check_options(rho, interval, reuse, perturb, names: Optional[Dict[str, str]] = None):
+    """ ValueError for a SAM setting that cannot train as asked; `names` says what to call each option in the
+    message (train.py passes its flags), so the rule lives here alone. """
+    n = {**OPTION_NAMES, **(names or {})}
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f'rho must be a positive finite number, got {rho!r}')
+        raise ValueError(f'{n["rho"]} must be a positive number (0.05 is usual for SAM, 2.0 for ASAM), got {rho!r}')
     if not (isinstance(interval, int) and interval >= 1):
-        raise ValueError(f'interval must be a whole number of updates, 1 or more, got {interval!r}')
+        raise ValueError(f'{n["interval"]} must be a whole number of updates, at least 1 (1: every update is a full '
+                         f'step), got {interval!r}')
     if not (isinstance(reuse, (int, float)) and math.isfinite(reuse) and reuse >= 0):
-        raise ValueError(f'reuse must be a finite number, 0 or more (LookSAM uses about 0.7), got {reuse!r}')
+        raise ValueError(f'{n["reuse"]} must be a finite number, zero or positive (LookSAM: try 0.1 to 0.7 and '
+                         f'tune it), got {reuse!r}')
     if perturb not in PERTURBATIONS:
-        raise ValueError(f'perturb must be one of {", ".join(PERTURBATIONS)}, got {perturb!r}')
+        raise ValueError(f'{n["perturb"]} must be one of {", ".join(PERTURBATIONS)}, got {perturb!r}')
     if reuse and interval == 1:
-        raise ValueError('reuse acts on the one-pass updates between full steps: it needs interval > 1')
+        raise ValueError(f'{n["reuse"]} acts on the one-pass updates between full steps: set {n["interval"]} K > 1')
     if reuse and perturb == 'momentum':
-        raise ValueError('reuse projects on the gradient at w of the full steps, which a momentum perturbation '
-                         'does not compute: use one or the other')
+        raise ValueError(f'{n["reuse"]} projects on the gradient at w of the full steps, which a momentum '
+                         f'perturbation ({n["perturb"]} momentum) does not compute: use one or the other')
 
 
 def keeps_momentum(optimizer: torch.optim.Optimizer) -> bool:

@@ -19,8 +19,8 @@ from timm.optim import list_optimizers
 from timm.utils import ParseKwargs
 
 from ..guard import GUARDS
-from ..mixup import FLAG_CHOICES, GMIX_MODES, TIMM_MODES
-from ..sam import PERTURBATIONS, is_sam, registry_name
+from ..mixup import FLAG_CHOICES, GMIX_MODES, TIMM_MODES, check_mixing
+from ..sam import DEFAULT_RHO, DEFAULT_RHO_ADAPTIVE, PERTURBATIONS, check_options, is_sam, registry_name
 from .errors import UsageError, reason
 
 _NAFLEX = 'NaFlex variable-resolution batches are not supported: the SAM step mixes and perturbs fixed-size image batches'
@@ -429,21 +429,23 @@ def _check_float_range(args, parser):
                                  f'most {largest:.4g}): pass a smaller value')
 
 
-def _check_efficient_sam(args):
+MIXING_FLAGS = {'mixup_alpha': '--mixup', 'cutmix_alpha': '--cutmix', 'cutmix_minmax': '--cutmix-minmax',
+                'prob': '--mixup-prob', 'switch_prob': '--mixup-switch-prob', 'label_smoothing': '--smoothing'}
+SAM_FLAGS = {'rho': '--rho', 'interval': '--sam-interval', 'reuse': '--sam-reuse', 'perturb': '--sam-perturb'}
+
+
+def _check_sam(args):
+    """ The SAM options, by the optimizer's own rules (`timm_gmix.sam.check_options`), named as flags. """
     changed = [flag for flag, value, default in (('--sam-interval', args.sam_interval, 1),
                                                   ('--sam-reuse', args.sam_reuse, 0.0),
                                                   ('--sam-perturb', args.sam_perturb, 'gradient')) if value != default]
     if changed and not is_sam(args.opt):
         raise UsageError(f'{changed[0]} is an option of the SAM step: use --opt gmix_sam')
-    if args.sam_interval < 1:
-        raise UsageError(f'--sam-interval must be at least 1 (1: every update is a full step), got {args.sam_interval}')
-    if not (math.isfinite(args.sam_reuse) and args.sam_reuse >= 0):
-        raise UsageError(f'--sam-reuse must be zero or positive (try 0.1 to 0.7 and tune it), got {args.sam_reuse}')
-    if args.sam_reuse and args.sam_interval == 1:
-        raise UsageError('--sam-reuse acts on the one-pass updates between full steps: set --sam-interval K > 1')
-    if args.sam_reuse and args.sam_perturb == 'momentum':
-        raise UsageError('--sam-reuse projects on the gradient at w, which --sam-perturb momentum does not '
-                         'compute: drop one of them')
+    rho = args.rho if args.rho is not None else (DEFAULT_RHO_ADAPTIVE if args.asam else DEFAULT_RHO)
+    try:
+        check_options(rho, args.sam_interval, args.sam_reuse, args.sam_perturb, names=SAM_FLAGS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_args(args, parser=None):
@@ -464,17 +466,18 @@ def check_args(args, parser=None):
         raise UsageError(f'--mixup-mode {args.mixup_mode} needs the SAM passes: use --opt gmix_sam')
     if args.mixup_mode in GMIX_MODES and not mixing_enabled(args):
         raise UsageError(f'--mixup-mode {args.mixup_mode} mixes examples: set --mixup and/or --cutmix above 0')
-    if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
-        raise UsageError(f'--rho must be a positive number (0.05 is usual for SAM, 2.0 for ASAM), got {args.rho}')
-    _check_efficient_sam(args)
-    _non_negative(args, 'lr', 'lr_base', 'warmup_lr', 'min_lr', 'weight_decay', 'momentum', 'mixup', 'cutmix',
-                  'smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'epoch_repeats', 'decay_epochs',
+    _check_sam(args)
+    _non_negative(args, 'lr', 'lr_base', 'warmup_lr', 'min_lr', 'weight_decay', 'momentum',
+                  'drop', 'drop_path', 'drop_block', 'reprob', 'epoch_repeats', 'decay_epochs',
                   'decay_rate', 'color_jitter', 'layer_decay_min_scale', 'aug_repeats')
     _positive(args, 'clip_grad', 'crop_pct', 'layer_decay', 'bn_eps', 'opt_eps')
-    _probability(args, 'gmix_ratio', 'hflip', 'vflip', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay',
+    _probability(args, 'gmix_ratio', 'hflip', 'vflip', 'model_ema_decay',
                  'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob', 'bn_momentum')
-    if args.smoothing >= 1:
-        raise UsageError(f'--smoothing must be below 1, got {args.smoothing}')
+    try:  # timm's Mixup arguments, by the mixing function's own rules, named as flags
+        check_mixing(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                     args.smoothing, names=MIXING_FLAGS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'val_interval', 'log_interval', 'lr_base_size',
                  'max_bad_steps', 'recount', 'lr_cycle_limit'):
         if getattr(args, name) < 1:
@@ -494,11 +497,6 @@ def check_args(args, parser=None):
         raise UsageError(f'--train-subset must be in (0, 1], got {args.train_subset}')
     if mixing_enabled(args) and args.batch_size % 2:
         raise UsageError(f'mixing pairs examples, so --batch-size must be even (got {args.batch_size})')
-    if args.cutmix_minmax is not None:
-        lo_hi = args.cutmix_minmax
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] < lo_hi[1] <= 1:
-            raise UsageError(f'--cutmix-minmax takes two numbers MIN MAX with 0 < MIN < MAX <= 1, got '
-                             f'{" ".join(map(str, lo_hi))}')
     for name in ('scale', 'ratio'):
         lo_hi = getattr(args, name)
         if lo_hi is not None and (len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]):
