@@ -33,7 +33,7 @@ from timm_gmix.training.export import check_push_to_hub, export_model, push_to_h
 from timm_gmix.training.factory import check_input_size, configure_model, create_mixup, create_model, create_optimizer
 from timm_gmix.training.loader import batches, create_loaders, epoch_batches, with_transforms
 from timm_gmix.training.losses import create_loss
-from timm_gmix.training.resume import CommandLineSettings, changed_flags, step_to
+from timm_gmix.training.resume import CommandLineSettings, changed_flags, check_mid_epoch, epoch_plan, step_to
 from timm_gmix.training.tracking import log_epoch, log_step, start_tracking, tracker_names, trim_summary, write_summary
 
 DEFAULT_CONFIG = Path(__file__).parent / 'configs' / 'digits.yaml'
@@ -89,6 +89,46 @@ class EpochMeter:
         return {'loss': loss.item(), 'skipped': int(counts[1]), **self.flagging.compute(accelerator)}
 
 
+def mean_lr(optimizer) -> float:
+    """ The lr train.py logs, as timm does: the mean over the parameter groups (they differ under --layer-decay). """
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+def set_cuda_backends(device: torch.device):
+    """ timm's CUDA settings when training on CUDA: TF32 matmuls and cuDNN autotuning (cudnn.benchmark). """
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def find_lookahead(optimizer):
+    """ timm's Lookahead in the optimizer, or None: inside Accelerate's wrapper (`.optimizer`), around SAM
+    (`lookahead_gmix_sam`: Lookahead's `_base_optimizer` is SAM) or as SAM's base (`--sam-base lookahead_sgd`). """
+    while optimizer is not None and not hasattr(optimizer, 'sync_lookahead'):
+        optimizer = next((getattr(optimizer, name) for name in ('optimizer', '_base_optimizer', 'base_optimizer')
+                          if getattr(optimizer, name, None) is not None), None)
+    return optimizer
+
+
+@torch.no_grad()
+def sync_lookahead(optimizer):
+    """ timm's end-of-epoch `sync_lookahead()`: the weights become the slow weights, one Lookahead update early.
+    timm's `update_slow` skips parameters without a gradient, and gradients are None after every update (in
+    timm's loop too, where the call therefore changes nothing); they get a zero gradient for the call. """
+    lookahead = find_lookahead(optimizer)
+    if lookahead is None:
+        return
+    missing = [p for group in lookahead.param_groups for p in group['params'] if p.requires_grad and p.grad is None]
+    for p in missing:
+        p.grad = torch.zeros_like(p)
+    try:
+        lookahead.sync_lookahead()
+    finally:
+        for p in missing:
+            p.grad = None
+
+
 def diverged(what: str, run_dir, args, accelerator) -> Stopped:
     """ The stop of a run that diverged: a recovery state of this epoch may be past the divergence, so it is set
     aside, and the one line names the last validated state and the command that continues it at a lower lr. """
@@ -120,14 +160,14 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
         if state.bad_steps >= args.max_bad_steps:
             raise diverged(f'{state.bad_steps} steps in a row had a non-finite loss, gradient or update in epoch '
                            f'{epoch + 1}', run_dir, args, accelerator)
-        if ema is not None and not result.skipped:
-            ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.num_updates)
         state.num_updates += 1
+        if ema is not None and not result.skipped:  # timm: step = the updates made, this one included
+            ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state.num_updates)
         scheduler.step_update(num_updates=state.num_updates)
         if args.synchronize_step and torch.cuda.is_available():
             torch.cuda.synchronize()
         if (update + 1) % args.log_interval == 0 or update + 1 == updates:
-            values = {'loss': result.loss.item(), 'lr': optimizer.param_groups[0]['lr'], 'skipped': meter.skipped}
+            values = {'loss': result.loss.item(), 'lr': mean_lr(optimizer), 'skipped': meter.skipped}
             if result.flagged is not None:
                 values['flagged_two_class'] = int((result.flagged & result.mixes_two_classes).sum())
             bar.set_postfix(loss=f'{values["loss"]:.3f}')
@@ -140,8 +180,7 @@ def train_one_epoch(epoch, model, optimizer, loader, mixup_fn, loss_fn, schedule
             state.updates_in_epoch, state.epoch_sums = update + 1, gather_object([meter.state_dict()])
             save(RECOVERY, epoch, update + 1)
     state.updates_in_epoch, state.epoch_sums = 0, []
-    if hasattr(optimizer, 'sync_lookahead'):
-        optimizer.sync_lookahead()
+    sync_lookahead(optimizer)  # before every validation, checkpoint and export: the slow weights
     return meter.compute(accelerator)
 
 
@@ -203,6 +242,8 @@ def main(argv=None):
     for module in args.device_modules or ():
         __import__(module)
     resume = resolve_resume(args.resume) if args.resume else None
+    if resume is not None and resume.state is not None:
+        check_mid_epoch(resume, args)
     tracker_names(args)
     check_push_to_hub(args)
 
@@ -217,12 +258,16 @@ def main(argv=None):
     check_input_size(model, args, data_config['input_size'])
 
     accelerator = make_accelerator(args)
+    set_cuda_backends(accelerator.device)
     set_seed(args.seed, device_specific=True)  # timm: seed + rank (lam, masks); DDP syncs the initial weights
     train_loader, val_loader = create_loaders(train_set, val_set, args, accelerator, data_config)
     if len(train_loader) < args.grad_accum_steps:
         raise UsageError(f'{len(train_set)} training examples do not fill one update of {args.grad_accum_steps} x '
                          f'{args.batch_size} per process: lower --batch-size or --grad-accum-steps')
     args.lr = resolve_lr(args, accelerator.num_processes)
+    # As in timm, the EMA copies the model on its device (prepare would move it there only after) and before
+    # the DDP wrapper; --model-ema-force-cpu keeps it on the CPU.
+    model = model.to(accelerator.device)
     optimizer = create_optimizer(args, model)
     ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                      device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
@@ -238,7 +283,7 @@ def main(argv=None):
 
     run_dir, lock = open_run(args, accelerator, resume)
     meta = {'model': args.model, 'num_classes': num_classes, 'opt': args.opt, 'sam_base': args.sam_base,
-            'model_ema': bool(args.model_ema)}
+            'model_ema': bool(args.model_ema), 'epoch_plan': epoch_plan(args)}
     if resume is not None and resume.state is not None:
         # As in timm, the command line decides the schedule and the hyperparameters; the checkpoint, what
         # training made of the model and the optimizer, and where it stands.
@@ -259,8 +304,15 @@ def main(argv=None):
         state.num_updates = args.start_epoch * updates_per_epoch
     if resume is not None or args.start_epoch is not None:
         step_to(scheduler, state.epoch + 1, state.num_updates)
-    if state.epoch + 1 >= num_epochs and state.updates_in_epoch == 0:
-        if (run_dir / 'model').is_dir():
+    trained, finished = state.epoch + 1, (run_dir / 'model').is_dir() and state.updates_in_epoch == 0
+    if trained > num_epochs or (trained == num_epochs and state.updates_in_epoch):
+        done = f' and {state.updates_in_epoch} updates of epoch {trained + 1}' if state.updates_in_epoch else ''
+        flag = trained - (num_epochs - args.epochs)  # timm's schedule adds --cooldown-epochs to --epochs
+        raise UsageError(f'the run in {run_dir} trained {trained} epochs{done}, more than --epochs {args.epochs} asks: '
+                         + (f'pass --epochs {flag + 1} or more to train longer' if finished or done else
+                            f'pass --epochs {flag} to export it as it stands, or more to train longer'))
+    if trained == num_epochs:
+        if finished:
             raise UsageError(f'the run in {run_dir} already trained all {num_epochs} epochs: raise --epochs to '
                              f'train longer')
         accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did not finish exporting')
@@ -322,11 +374,13 @@ def main(argv=None):
             continue
         eval_metrics = validate(model, val_loader, accelerator, args)
         if ema is not None and not args.model_ema_force_cpu:
+            if accelerator.num_processes > 1 and args.dist_bn:  # timm distributes the EMA's statistics too
+                distribute_bn(ema, accelerator.num_processes, args.dist_bn == 'reduce')
             eval_metrics.update({f'ema_{k}': v for k, v in validate(ema, val_loader, accelerator, args).items()})
         metric = eval_metrics[f'ema_{args.eval_metric}' if f'ema_{args.eval_metric}' in eval_metrics
                               else args.eval_metric]
         scheduler.step(epoch + 1, metric)
-        lr = optimizer.param_groups[0]['lr']
+        lr = mean_lr(optimizer)
         if accelerator.is_main_process:
             # The row goes first: if the save below is interrupted, resuming from the previous checkpoint
             # trims this row and repeats the epoch; the other order would lose the row for good.
