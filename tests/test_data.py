@@ -327,6 +327,22 @@ def one_class_folder(root):
     return folder
 
 
+def images_outside_class_folders(root):
+    """ The image folder with two training images lying in train/ itself. """
+    folder = make_image_folder(root)
+    for name in ('0.png', '1.png'):
+        (folder / 'train' / 'cat' / name).rename(folder / 'train' / name)
+    return folder
+
+
+def empty_val_folder(root):
+    """ The image folder (timm's names) with its val/ there but empty. """
+    folder = make_image_folder(root, val_folder='val')
+    shutil.rmtree(folder / 'val')
+    (folder / 'val').mkdir()
+    return folder
+
+
 def folder_without(root, split, name):
     """ The image folder with class `name`'s folder of `split` emptied (the folder stays). """
     folder = make_image_folder(root)
@@ -383,6 +399,10 @@ BAD_DATA = {  # case: (flags, words of the one line); upper-case flags are made 
     'class map for numbers': (['--dataset', 'INT_LABELS', '--class-map', 'CATS_AND_DOGS'],
                               "--class-map maps class names, but column 'label' holds numbers: drop --class-map"),
     'missing split': (['--dataset', 'SAVED', '--val-split', 'test'], "'test'", '--val-split'),
+    'images outside a class folder': (['LOOSE_IMAGES'], '/train holds 2 image(s) outside a class folder (',
+                                      '/train/0.png, ', '/train/1.png): move them into ',
+                                      '/train/<class>/, the folder naming their class'),
+    'empty validation folder': (['EMPTY_VAL'], '/val is empty: put the validation images in ', '/val/<class>/<image>'),
     'image size the model cannot take': (['--dataset', 'SAVED', '--model', 'test_vit', '--img-size', '30'],
                                          'cannot take', '30x30'),
     'channels the images cannot have': (['--dataset', 'SAVED', '--in-chans', '2'], '--in-chans 1 or 3'),
@@ -403,6 +423,8 @@ def bad_data(tmp_path_factory, data):
         'INT_LABELS': make_saved_dataset(root / 'int_labels', labels='int'),
         'ONE_CLASS_FOLDER': one_class_folder(root / 'one_class'),
         'NO_TRAINING_EMUS': folder_without(root / 'no_training_emus', 'train', 'emu'),
+        'LOOSE_IMAGES': images_outside_class_folders(root / 'loose_images'),
+        'EMPTY_VAL': empty_val_folder(root / 'empty_val'),
         'EMUS_IN_VALIDATION_ONLY': saved_without_training_rows(root / 'emus_in_validation_only', CLASSES.index('emu')),
         'CATS_AND_DOGS': root / 'cats_and_dogs.txt',
     }
@@ -441,3 +463,35 @@ def test_a_class_without_validation_images_is_a_warning(tmp_path, capsys, no_pro
     train_main([*TINY, *DG_MIX, folder, '--output', tmp_path / 'runs'])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: ')]
     assert warnings == ["warning: 1 class(es) have no validation images: 'emu'"]
+
+
+def test_the_folder_reader_reads_every_format_pillow_reads(tmp_path, capsys, no_progress_bars):
+    """ timm's reader takes .png, .jpg and .jpeg only; here a .bmp, .webp, .tif or .gif image is read too, and
+    a file of no image format is named in one warning. """
+    folder = make_image_folder(tmp_path / 'images')
+    for n, suffix in enumerate(('.bmp', '.webp', '.tif', '.gif', '.JPG')):
+        path = folder / 'train' / 'dog' / f'{8 + n}.png'
+        Image.open(path).save(path.with_suffix(suffix))
+        path.unlink()
+    (folder / 'train' / 'dog' / 'notes.txt').write_text('not an image')
+    train_split, val_split, num_classes = load_splits(args_for(*TINY, folder))
+    assert (len(train_split), len(val_split), num_classes) == (3 * PER_CLASS, 3 * PER_CLASS, 3)
+    dogs = [row['image']['path'] for row in train_split if row['label'] == CLASSES.index('dog')]
+    assert sorted(Path(path).suffix for path in dogs) == ['.JPG', '.bmp', '.gif', '.png', '.png', '.png', '.tif',
+                                                          '.webp']
+    assert all(read_image(row['image'], 'RGB').size == (16, 16) for row in train_split)
+    assert capsys.readouterr().err == (f'warning: 1 file(s) of {folder} are left out, their extensions being of no '
+                                       f'image format Pillow reads: {folder / "train" / "dog" / "notes.txt"}\n')
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path, capsys, no_progress_bars):
+    """ Jupyter's .ipynb_checkpoints/ (empty, or with a copy of an image) and macOS's .DS_Store are not data. """
+    folder = make_image_folder(tmp_path / 'images')
+    (folder / 'train' / '.ipynb_checkpoints').mkdir()
+    (folder / 'validation' / 'cat' / '.ipynb_checkpoints').mkdir()
+    shutil.copy(folder / 'validation' / 'cat' / '0.png', folder / 'validation' / 'cat' / '.ipynb_checkpoints')
+    (folder / 'train' / '.DS_Store').write_bytes(b'\0')
+    train_split, val_split, num_classes = load_splits(args_for(*TINY, folder))
+    assert num_classes == 3 and train_split.features['label'].names == list(CLASSES)
+    assert (len(train_split), len(val_split)) == (3 * PER_CLASS, 3 * PER_CLASS)
+    assert 'warning' not in capsys.readouterr().err

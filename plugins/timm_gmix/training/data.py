@@ -1,8 +1,9 @@
 """ Datasets for train.py, all through Hugging Face `datasets` and timm's transforms.
 
     --dataset '' with DIR         timm's default: an image folder DIR/<split>/<class>/<image>, DIR from
-                                  `train.py DIR` or --data-dir, found as timm's folder reader finds it;
-                                  val/, valid/, eval/ count as validation
+                                  `train.py DIR` or --data-dir, found as timm's folder reader finds it
+                                  but with every format Pillow reads; val/, valid/, eval/ count as
+                                  validation
     --dataset folder              the same (an alias)
     --dataset digits              built in: scikit-learn's 1,797 real 8x8 handwritten digits, no download;
                                   fixed train / validation / test split (60/20/20)
@@ -18,6 +19,7 @@ of classes is read from the data. Images are decoded by `ImageClassification` (s
 is reported by name) and converted to --input-img-mode, by default the model's channels (L or RGB).
 """
 import io
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -59,8 +61,8 @@ def digits_dataset():
     return datasets.DatasetDict(splits)
 
 
-def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False):
-    """ The DatasetDict that `--dataset` (and `--data-dir`) name. """
+def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False, splits=()):
+    """ The DatasetDict that `--dataset` (and `--data-dir`) name; `splits`, the ones to be read from it. """
     import datasets
 
     if name == 'digits':
@@ -72,7 +74,7 @@ def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False):
         if not Path(data_dir).is_dir():
             raise UsageError(f'--data-dir {data_dir} is not a folder: give an image folder with one subfolder per '
                              f'split (train/, validation/), each with one subfolder of images per class')
-        return image_folder(data_dir)
+        return image_folder(data_dir, splits)
     if name.lower().startswith(TIMM_READERS):
         raise UsageError(f'--dataset {name}: timm\'s {name.split("/")[0]}/ datasets are not read here; use '
                          f'{READ_HERE}')
@@ -104,37 +106,85 @@ SPLIT_FOLDERS = {'train': ('train', 'training'), 'validation': ('validation', 'v
                  'test': ('test', 'testing')}  # timm's split synonyms
 
 
-def image_folder(root):
-    """ timm's image folder, ROOT/<split>/<class>/.../<image>, read as timm's folder reader reads it (its
-    `find_images_and_targets`: image files by extension, the class from the leaf folder's name) into a
-    DatasetDict of image paths and labels. The classes are shared by all splits: every class folder of any split,
-    empty ones included (so that a class without training images can be named), in timm's natural order. """
+# Formats Pillow identifies but does not decode by itself: stubs (HDF5, GRIB, BUFR, WMF), MPEG, EPS (Ghostscript).
+NOT_DECODED = {'MPEG', 'EPS'}
+
+
+def image_extensions() -> set:
+    """ The extensions of every format Pillow decodes (timm's folder reader takes only .png, .jpg and .jpeg). """
+    from PIL import Image, ImageFile
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in NOT_DECODED
+            and not (isinstance(Image.OPEN[fmt][0], type) and issubclass(Image.OPEN[fmt][0], ImageFile.StubImageFile))}
+
+
+def find_images(folder: Path, extensions: set):
+    """ timm's `find_images_and_targets` with `extensions`: [(path, class)] of the image files below `folder`
+    (symlinks followed) in natural order, the class being the name of the folder an image lies in ('' for
+    `folder` itself); hidden files and folders (.ipynb_checkpoints, .DS_Store) are left out. Also the other files. """
+    from timm.utils.misc import natural_key
+
+    images, others = [], []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith('.')]
+        rel = os.path.relpath(root, folder)
+        label = '' if rel == '.' else os.path.basename(rel)
+        for name in files:
+            if not name.startswith('.'):
+                path = os.path.join(root, name)
+                (images if os.path.splitext(name)[1].lower() in extensions else others).append((path, label))
+    return sorted(images, key=lambda k: natural_key(k[0])), sorted(path for path, _ in others)
+
+
+def _some(paths, n=3) -> str:
+    return ', '.join(map(str, paths[:n])) + (f' and {len(paths) - n} more' if len(paths) > n else '')
+
+
+def image_folder(root, splits=()):
+    """ timm's image folder, ROOT/<split>/<class>/.../<image>, read as timm's folder reader reads it (the class
+    from the leaf folder's name) but with every format Pillow decodes, into a DatasetDict of image paths and labels.
+    The classes are shared by all splits: every class folder of any split, empty ones included (so that a class
+    without training images can be named), in timm's natural order. The folders of `splits` (the ones trained
+    and validated on) must hold images, each in a class folder; files of other kinds are named in one warning. """
     import datasets
-    from timm.data.readers.reader_image_folder import find_images_and_targets
     from timm.utils.misc import natural_key
 
     root = Path(root)
     folders = {}
     for split, names in SPLIT_FOLDERS.items():
         folders.update({split: root / name for name in reversed(names) if (root / name).is_dir()})
-    folders.update({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and p.name not in
-                    {name for names in SPLIT_FOLDERS.values() for name in names}})
-    found = {split: find_images_and_targets(str(folder), class_to_idx=None) for split, folder in folders.items()}
-    found = {split: (images, idx) for split, (images, idx) in found.items() if images}
+    folders.update({p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith('.') and
+                    p.name not in {name for names in SPLIT_FOLDERS.values() for name in names}})
+    extensions = image_extensions()
+    found, skipped = {}, []
+    for split, folder in folders.items():
+        images, others = find_images(folder, extensions)
+        loose = [path for path, label in images if not label]
+        if split in splits and not images:
+            raise UsageError(f'split folder {folder} is empty' + (f' of images (it holds {_some(others)})' if others
+                                                                  else '')
+                             + f': put the {split} images in {folder}/<class>/<image>')
+        if split in splits and loose:
+            raise UsageError(f'{folder} holds {len(loose)} image(s) outside a class folder ({_some(loose)}): move '
+                             f'them into {folder}/<class>/, the folder naming their class')
+        skipped += others
+        if images and not loose:
+            found[split] = images
     if not found:
         raise UsageError(f'could not read the data in {root} (no image files in its subfolders): give image '
                          f'subfolders per split and class, DIR/train/<class>/<image>')
-    names = {name for _, idx in found.values() for name in idx}
-    names |= {p.name for split in found for p in folders[split].iterdir() if p.is_dir()}
+    if skipped:
+        print(f'warning: {len(skipped)} file(s) of {root} are left out, their extensions being of no image format '
+              f'Pillow reads: {_some(skipped)}', file=sys.stderr)
+    names = {label for images in found.values() for _, label in images}
+    names |= {p.name for split in found for p in folders[split].iterdir() if p.is_dir() and not p.name.startswith('.')}
     names = sorted(names, key=natural_key)
     features = datasets.Features({'image': datasets.Image(decode=False), 'label': datasets.ClassLabel(names=names)})
-    splits = {}
-    for split, (images, idx) in found.items():
-        name_of = {i: name for name, i in idx.items()}
-        splits[split] = datasets.Dataset.from_dict(
-            {'image': [{'path': path, 'bytes': None} for path, _ in images],
-             'label': [names.index(name_of[i]) for _, i in images]}, features=features, split=split)
-    return datasets.DatasetDict(splits)
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {'image': [{'path': path, 'bytes': None} for path, _ in images],
+         'label': [names.index(label) for _, label in images]}, features=features, split=split)
+        for split, images in found.items()})
 
 
 def _load(folder, fn, *args, **kwargs):
@@ -406,7 +456,8 @@ def load_splits(args):
     labels (all before the model is built or training starts). The image column is left undecoded
     (`datasets.Image(decode=False)`) for ImageClassification; the resolved column names are written back
     to args.input_key and args.target_key. """
-    dsets = load_dataset_dict(args.dataset, args.data_dir, args.dataset_trust_remote_code)
+    dsets = load_dataset_dict(args.dataset, args.data_dir, args.dataset_trust_remote_code,
+                              (args.train_split, args.val_split))
     train, val = _split(dsets, args.train_split, '--train-split'), _split(dsets, args.val_split, '--val-split')
     for name, split in ((args.train_split, train), (args.val_split, val)):
         args.input_key = _column(split, name, args.input_key, IMAGE_KEYS, IMAGE_FLAG)
