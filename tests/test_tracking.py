@@ -1,9 +1,11 @@
 """ Tracking and summary.csv: a real offline TensorBoard run read back from its event files, the exact
 summary file through new columns and resume trims, and the one-line error for a missing tracker package. """
+import csv
 import importlib.util
 from argparse import Namespace
 
 import pytest
+import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -163,3 +165,122 @@ def test_trim_summary_keeps_rows_up_to_the_epoch(tmp_path):
     assert path.read_text() == 'epoch,train_loss,eval_top1,lr\n'
     trim_summary(tmp_path / 'missing.csv', 0)
     assert [p.name for p in tmp_path.iterdir()] == ['summary.csv']
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py through the real wandb (offline) and MLflow (a local file store) trackers
+
+
+def wandb_records(path):
+    """ The records of an offline run's .wandb file, parsed with wandb's own protobuf schema. The file is
+    LevelDB's log format under wandb's header: 32 KiB blocks of chunks (CRC, length, type: 1 whole record,
+    2/3/4 its first, middle, last part). """
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b':W&B', data[:7]
+    pos, block, parts = 7, 32768, b''
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+        if kind == 0:  # zeros to the end of the block
+            pos += block - pos % block
+            continue
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b''
+            yield record
+
+
+@pytest.fixture(scope='module')
+def tracked_run(tmp_path_factory):
+    """ Two epochs of DG-Mix with --log-with all (tensorboard, wandb, mlflow: every installed tracker), wandb
+    offline and MLflow in a file store, both under a temporary folder; nothing may reach a server. """
+    from helpers import SMALL_RUN, run_train_py
+    tmp = tmp_path_factory.mktemp('tracked')
+    env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp / 'wandb'), 'WANDB_CONFIG_DIR': str(tmp / 'wandb-config'),
+           'WANDB_CACHE_DIR': str(tmp / 'wandb-cache'), 'WANDB_DATA_DIR': str(tmp / 'wandb-data'),
+           'WANDB_CONSOLE': 'off', 'MLFLOW_TRACKING_URI': f'file:{tmp / "mlruns"}',
+           'MLFLOW_ALLOW_FILE_STORE': 'true'}  # MLflow 3 refuses file stores unless told
+    (tmp / 'wandb').mkdir()
+    proc = run_train_py(tmp / 'out', *SMALL_RUN, '--epochs', '2', '--lr', '0.05', '--warmup-epochs', '0',
+                        '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', '--log-with', 'all',
+                        '--log-interval', '2', '--experiment', 'run', **env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp / 'out' / 'run'
+    with open(run_dir / 'summary.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in args.items() if v is not None}
+    return Namespace(tmp=tmp, run_dir=run_dir, rows=rows, config=config)
+
+
+UPDATES = [2, 4, 6, 8, 10, 12]  # 6 updates per epoch, logged every 2
+STEP_VALUES = ['train/loss', 'train/lr', 'train/skipped', 'train/flagged_two_class']
+
+
+def read_wandb(tracked_run):
+    import json
+    [run_file] = (tracked_run.tmp / 'wandb').glob('wandb/offline-run-*/run-*.wandb')
+    records = list(wandb_records(run_file))
+    [run] = [r.run for r in records if r.WhichOneof('record_type') == 'run']
+    config = {}
+    for r in records:
+        if r.WhichOneof('record_type') == 'config':
+            config.update({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                           for item in r.config.update})
+    history = [{item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof('record_type') == 'history']
+    return run, config, history
+
+
+def test_train_py_logs_to_wandb_offline(tracked_run):
+    """ wandb: the run named after the run folder in project timm-gmix, the arguments as its config, every
+    summary.csv column per epoch (with `epoch` as a value) and the progress every --log-interval updates (with
+    `update`), all at wandb's own growing step. """
+    run, config, history = read_wandb(tracked_run)
+    assert (run.display_name, run.project) == ('run', 'timm-gmix')
+    config.pop('_wandb', None)
+    assert config == tracked_run.config
+    epochs = [h for h in history if 'epoch' in h]
+    assert [h['epoch'] for h in epochs] == [int(r['epoch']) for r in tracked_run.rows] == [0, 1]
+    for h, row in zip(epochs, tracked_run.rows):
+        assert {k: h[f'epoch/{k}'] for k in row if k != 'epoch'} == {k: float(v) for k, v in row.items() if k != 'epoch'}
+    steps = [h for h in history if 'update' in h]
+    assert [h['update'] for h in steps] == UPDATES
+    assert all(set(STEP_VALUES) <= set(h) for h in steps)
+    assert [h['_step'] for h in history] == list(range(len(history)))  # one growing axis: nothing dropped
+
+
+def test_train_py_logs_to_mlflow_file_store(tracked_run, monkeypatch):
+    """ MLflow: a finished run named after the run folder in experiment timm-gmix, the arguments as params (as
+    text), every summary.csv column per epoch at step = epoch, the progress at step = update; the same values
+    as wandb's. """
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    client = MlflowClient(f'file:{tracked_run.tmp / "mlruns"}')
+    experiment = client.get_experiment_by_name('timm-gmix')
+    [run] = client.search_runs([experiment.experiment_id])
+    assert (run.info.run_name, run.info.status) == ('run', 'FINISHED')
+    assert run.data.params == {k: str(v) for k, v in tracked_run.config.items()}
+    for column in tracked_run.rows[0]:
+        if column != 'epoch':
+            logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f'epoch/{column}')]
+            assert logged == [(int(r['epoch']), float(r[column])) for r in tracked_run.rows], column
+    _, _, history = read_wandb(tracked_run)
+    wandb_steps = [h for h in history if 'update' in h]
+    for name in STEP_VALUES:
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        assert logged == [(h['update'], h[name]) for h in wandb_steps], name
+
+
+def test_log_with_all_includes_tensorboard(tracked_run):
+    """ --log-with all: TensorBoard's event files in the run folder hold the same progress. """
+    scalars = read_events(tracked_run.run_dir / 'timm-gmix')
+    assert [e.step for e in scalars.Scalars('train/loss')] == UPDATES
+    assert len(scalars.Scalars('epoch/eval_top1')) == 2

@@ -2,7 +2,9 @@
 `summary.csv`.
 
 TensorBoard writes its event files under the run folder, in RUN/<project>/; wandb and MLflow log where their
-own settings say (MLflow: MLFLOW_TRACKING_URI, ./mlruns by default). The run is named after the run folder.
+own settings say (wandb: WANDB_MODE, WANDB_DIR; MLflow: MLFLOW_TRACKING_URI, by default sqlite:///mlflow.db in the
+working folder since MLflow 3, which needs the full mlflow package; a file: store needs MLFLOW_ALLOW_FILE_STORE=true).
+The run is named after the run folder.
 Per-epoch rows carry the summary.csv columns under `epoch/`, at step = epoch; progress every --log-interval
 updates goes under `train/`, at step = the number of optimizer updates. wandb, whose step may only grow, logs
 both at its own step, with `epoch` or `update` as a value.
