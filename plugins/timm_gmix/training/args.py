@@ -21,6 +21,7 @@ from timm.utils import ParseKwargs
 from ..guard import GUARDS
 from ..mixup import FLAG_CHOICES, GMIX_MODES, TIMM_MODES, check_mixing
 from ..sam import DEFAULT_RHO, DEFAULT_RHO_ADAPTIVE, PERTURBATIONS, check_options, is_sam, registry_name
+from .device_data import check_device_data
 from .errors import UsageError, reason
 
 _NAFLEX = 'NaFlex variable-resolution batches are not supported: the SAM step mixes and perturbs fixed-size image batches'
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset-trust-remote-code', action='store_true')
     group.add_argument('--train-subset', type=float, default=None,
                        help='train on this fraction (0-1] of the training split (the same examples for every --seed)')
+    group.add_argument('--device-data', action='store_true',
+                       help='decode the training split once onto the device and augment it there per example '
+                            '(no loader workers; for small images)')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet50', metavar='MODEL')
@@ -493,6 +497,8 @@ def check_args(args, parser=None):
                  'num_classes', 'img_size'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    if args.device_data:
+        check_device_data(args)
     if args.train_subset is not None and not 0 < args.train_subset <= 1:
         raise UsageError(f'--train-subset must be in (0, 1], got {args.train_subset}')
     if mixing_enabled(args) and args.batch_size % 2:

@@ -69,8 +69,9 @@ class DeviceNormalize:
     RNG as timm's does); then any batch gets the model's dtype and --channels-last layout. With --no-prefetcher
     the batch comes normalized and erased from the workers and only the last step applies. """
 
-    def __init__(self, args, data_config, device, training: bool):
-        self.normalize = not args.no_prefetcher
+    def __init__(self, args, data_config, device, training: bool, normalize=None):
+        """ `normalize`: False for batches normalized already (--device-data's); default: unless --no-prefetcher. """
+        self.normalize = not args.no_prefetcher if normalize is None else normalize
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor([255 * m for m in data_config['mean']], device=device).view(shape)
         self.std = torch.tensor([255 * s for s in data_config['std']], device=device).view(shape)
@@ -195,28 +196,41 @@ def create_loaders(train_set, val_set, args, accelerator, data_config):
     to the device without blocking), workers kept between epochs (as timm's loader); the training loader drops
     the last partial batch and follows EpochBatchSampler (--epoch-repeats, --train-batches-per-epoch,
     --aug-repeats). Validation: -vb (default -b) per process, in order. Iterate them with `epoch_batches` and
-    `batches`, which give the batches as the model takes them (`DeviceNormalize`). """
+    `batches`, which give the batches as the model takes them (`DeviceNormalize`). With --device-data the
+    training batches come from the device instead (`device_data.DeviceBatches`, iterated the same way). """
+    if args.device_data:
+        from .device_data import create_device_loaders
+        return create_device_loaders(train_set, val_set, args, accelerator, data_config)
     sampler = EpochBatchSampler(
         len(train_set), args.batch_size, args.seed, accelerator.num_processes, args.epoch_repeats,
         args.train_batches_per_epoch, args.aug_repeats)
     if len(sampler) == 0:
         raise UsageError(f'{len(train_set)} training examples do not fill one batch of -b {args.batch_size} on '
                          f'each of {accelerator.num_processes} process(es): lower -b')
-    common = dict(num_workers=args.workers, pin_memory=args.pin_mem,
-                  collate_fn=collate_views if args.no_prefetcher else fast_collate,
-                  persistent_workers=args.workers > 0)  # timm's create_loader keeps its workers too
     # own generators: starting an iterator draws a base seed, which must not come from the global RNG
     train_loader = torch.utils.data.DataLoader(
         SeededExamples(train_set, args.seed), batch_sampler=sampler,
-        generator=torch.Generator().manual_seed(args.seed), **common)
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.validation_batch_size or args.batch_size, shuffle=False,
-        generator=torch.Generator().manual_seed(args.seed), **common)
-    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
+        generator=torch.Generator().manual_seed(args.seed), **_loader_options(args, args.workers))
+    train_loader = accelerator.prepare(train_loader)
     train_loader.epoch_sampler = sampler
     train_loader.to_model = DeviceNormalize(args, data_config, accelerator.device, training=True)
+    return train_loader, create_val_loader(val_set, args, accelerator, data_config)
+
+
+def _loader_options(args, workers: int) -> dict:
+    return dict(num_workers=workers, pin_memory=args.pin_mem,
+                collate_fn=collate_views if args.no_prefetcher else fast_collate,
+                persistent_workers=workers > 0)  # timm's create_loader keeps its workers too
+
+
+def create_val_loader(val_set, args, accelerator, data_config, workers=None):
+    """ The validation loader, prepared: -vb (default -b) per process, in order, --workers unless `workers`. """
+    val_loader = accelerator.prepare(torch.utils.data.DataLoader(
+        val_set, batch_size=args.validation_batch_size or args.batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(args.seed),
+        **_loader_options(args, args.workers if workers is None else workers)))
     val_loader.to_model = DeviceNormalize(args, data_config, accelerator.device, training=False)
-    return train_loader, val_loader
+    return val_loader
 
 
 def batches(loader):
