@@ -6,7 +6,12 @@
 #   (the device tool: carry benchmarks/cache/timm, which git ignores)
 #
 # Writes to benchmarks/results/:
-#   gpu_tests.txt                          python -m pytest -m cuda tests/test_cuda.py
+#   gpu_tests.txt                          python -m pytest -m cuda tests/test_cuda.py tests/test_timm_semantics.py
+#   gpu_recipes.md                         train.py end to end with a common timm recipe's flags (--model-ema,
+#                                          --amp fp16 and bf16, --channels-last, --workers 4 --pin-mem, DG-Mix;
+#                                          once each lookahead_gmix_sam and --torchcompile): 2 epochs of resnet18 at
+#                                          64x64 on 512 digit images in an image folder; whether each finished, its
+#                                          time and its last lines
 #   gpu_<model>_<precision>[_compile].md   step time ratios, images/s, peak memory: resnet50 and
 #                                          vit_small_patch16_224, 224x224, batch 128, bf16 and fp16, eager and compiled
 #   gpu_efficient_<model>_bf16.md/.json    the cheaper G-Mix settings (interval, LookSAM reuse, MSAM) in bf16
@@ -18,7 +23,9 @@
 # (GPU_CHECK_RESULTS=DIR writes them there instead.) Every run gets what is left of a time budget (GPU_CHECK_BUDGET
 # seconds, default 450); a run that fails or runs out of time writes the failure into its own file and the others
 # still run. Compiled runs come last: inductor
-# compiles each pass's graph during the warm-up steps, which takes most of their time.
+# compiles each pass's graph during the warm-up steps, which takes most of their time. GPU_CHECK_PARTS picks the
+# parts, in this order (default all): tests recipes speed efficient vs_timm compile; e.g.
+# GPU_CHECK_PARTS="tests recipes" for the checks alone (estimated 4 minutes on one H100; not yet run on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +39,10 @@ BUDGET=${GPU_CHECK_BUDGET:-450}
 RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}
 mkdir -p "$RESULTS"
 LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
+RECIPE_RUNS=$(mktemp -d)
+trap 'rm -rf "$LOG" "$RECIPE_RUNS"' EXIT
+PARTS=" ${GPU_CHECK_PARTS:-tests recipes speed efficient vs_timm compile} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 
 # run OUT NEED CMD...: run CMD with what is left of the budget, its output in OUT if it writes none itself (pytest)
 # or the failure in OUT if it fails; skipped (said in OUT) when less than NEED seconds are left.
@@ -67,14 +77,65 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' ||
     { echo "gpu_check: torch sees no CUDA GPU here, nothing to check" >&2; exit 1; }
 
-rm -f "$RESULTS/gpu_tests.txt"
-run "$RESULTS/gpu_tests.txt" 60 "$PY" -m pytest -m cuda tests/test_cuda.py -rA
+if part tests; then
+    rm -f "$RESULTS/gpu_tests.txt"
+    run "$RESULTS/gpu_tests.txt" 60 "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_timm_semantics.py -rA
+fi
+
+# train.py end to end with the flags of a common timm recipe, on an image folder the benchmark builds
+# (benchmarks/vs_timm.py: 512 + 128 digit images at 64x64, in benchmarks/cache). Each run's log stays in a
+# temporary folder; gpu_recipes.md gets whether it finished, its time and its last lines (progress bars left out).
+if part recipes; then
+    DATA=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from vs_timm import image_folder
+print(image_folder(64, 512, 128))') || DATA="(the image folder could not be built)"
+    RECIPE=(train.py "$DATA" --model resnet18 --img-size 64 -b 64 --epochs 2 --lr 0.05 --warmup-epochs 0
+            --opt gmix_sam --mixup 0.8 --mixup-mode dg --model-ema --channels-last --workers 4 --pin-mem
+            --log-interval 4 --output "$RECIPE_RUNS")
+    RECIPES=(fp16 bf16 lookahead compile)
+    declare -A RECIPE_FLAGS=(
+        [fp16]="--amp --amp-dtype float16"
+        [bf16]="--amp --amp-dtype bfloat16"
+        [lookahead]="--amp --amp-dtype bfloat16 --opt lookahead_gmix_sam"
+        [compile]="--amp --amp-dtype bfloat16 --torchcompile"
+    )
+    declare -A RECIPE_TIME
+    for name in "${RECIPES[@]}"; do
+        start=$SECONDS
+        need=45
+        [[ $name == compile ]] && need=120  # inductor compiles the three passes of DG-Mix first
+        # shellcheck disable=SC2086  # the flags are words
+        run "$RECIPE_RUNS/$name.txt" "$need" "$PY" "${RECIPE[@]}" ${RECIPE_FLAGS[$name]} --experiment "$name"
+        RECIPE_TIME[$name]=$((SECONDS - start))
+    done
+    {
+        echo "# train.py with a common timm recipe's flags"
+        echo
+        "$PY" -c 'import torch; print("torch", torch.__version__, "on", torch.cuda.get_device_name())' || true
+        echo
+        echo "Every run: \`python ${RECIPE[*]/#$RECIPE_RUNS/TMP}\` plus its own flags."
+        for name in "${RECIPES[@]}"; do
+            out="$RECIPE_RUNS/$name.txt"
+            echo
+            if grep -q '^Validation top-1 accuracy' "$out"; then
+                echo "## $name (${RECIPE_FLAGS[$name]}): finished in ${RECIPE_TIME[$name]}s"
+            else
+                echo "## $name (${RECIPE_FLAGS[$name]}): did not finish: $(head -n 1 "$out")"
+            fi
+            echo
+            echo '```'
+            tr '\r' '\n' <"$out" | grep -Ev '^epoch [0-9]+:|^[[:space:]]*$|^```' | tail -n 8 || true
+            echo '```'
+        done
+    } >"$RESULTS/gpu_recipes.md"
+    echo "   recipes: $(grep -c ': finished in' "$RESULTS/gpu_recipes.md") of ${#RECIPES[@]} finished, see $RESULTS/gpu_recipes.md"
+fi
 
 SPEED=(--device cuda --img-size 224 -b 128)
 EFFICIENT_MODES="sgd sgd_mixup sgd_mixup_guarded naive_sam sam g bg dg g:perturb=momentum g:interval=5 \
 g:interval=5,reuse=0.7 g:interval=10,reuse=0.7 bg:interval=8,reuse=0.7 dg:perturb=momentum \
 dg:interval=4,perturb=momentum dg:interval=8 dg:interval=8,reuse=0.7"
 for model in resnet50 vit_small_patch16_224; do
+    part speed || break
     for precision in bf16 fp16; do
         out="$RESULTS/gpu_${model}_${precision}.md"
         rm -f "$out"
@@ -85,13 +146,16 @@ done
 
 # The cheaper G-Mix settings (issue 10) against SGD + Mixup, bare and through gmix_step.
 for model in resnet50 vit_small_patch16_224; do
+    part efficient || break
     out="$RESULTS/gpu_efficient_${model}_bf16.md"
     rm -f "$out"
     run "$out" 60 "$PY" benchmarks/speed.py "${SPEED[@]}" --model "$model" --precision bf16 --rounds 5 --steps 10 \
         --warmup 3 --modes $EFFICIENT_MODES --out "$out" --json "${out%.md}.json"
 done
 
-if [[ -n "${TIMM_TRAIN:-}" ]]; then
+if ! part vs_timm; then
+    :
+elif [[ -n "${TIMM_TRAIN:-}" ]]; then
     for preset in gpu-resnet18 gpu-resnet50; do
         out="$RESULTS/vs_timm_${preset}.md"
         rm -f "$out"
@@ -108,6 +172,7 @@ fi
 
 # Compiled: the modes whose graphs differ (sam shares g's); 3 warm-up steps compile every pass of dg.
 for model in resnet50 vit_small_patch16_224; do
+    part compile || break
     for precision in bf16 fp16; do
         out="$RESULTS/gpu_${model}_${precision}_compile.md"
         rm -f "$out"
