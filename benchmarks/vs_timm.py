@@ -3,6 +3,7 @@
     python benchmarks/vs_timm.py --timm-train benchmarks/cache/timm/train.py        # this machine's CPU
     python benchmarks/vs_timm.py --timm-train PATH --preset gpu-resnet18             # on a GPU
     python benchmarks/vs_timm.py --timm-train PATH --preset gpu-resnet50
+    python benchmarks/vs_timm.py --timm-train PATH --bare --methods sgd_mixup sgd_mixup_device g g_device   # issue 25
 
 timm's train.py is not in the timm wheel: PATH is the train.py of a timm checkout at (or near) the installed
 version. Keep it in benchmarks/cache/, which git ignores; it is never committed.
@@ -21,7 +22,9 @@ and images/s are those of the later epochs.
 The ratios are taken within each round (so drift in machine speed cancels) and their medians reported against
 the targets of issue 18: train.py's SGD + Mixup at least 0.97 of timm's images/s and at most 1.10 of its wall
 time; a G-Mix step at most 2.05 of timm's SGD + Mixup step, DG-Mix at most 2.4, MSAM G-Mix and DG-Mix every 8th
-at most 1.15 (step time is the inverse of images/s).
+at most 1.15 (step time is the inverse of images/s). --device-data (issue 25): SGD + Mixup at least 1.15 of timm's
+images/s and at least 0.95 of the bare loop's (--bare: `benchmarks/bare_loop.py`, the model, SGD and Mixup on one
+batch already in memory, run in the same rounds).
 """
 import argparse
 import json
@@ -42,6 +45,9 @@ CACHE = ROOT / 'benchmarks' / 'cache'
 PRESETS = {
     'cpu': (28, 2048, 512, ['--model', 'resnet18', '--img-size', '32', '-b', '64', '--epochs', '2', '--lr', '0.05',
                             '--mixup', '0.8', '--workers', '2', '--device', 'cpu']),
+    # Fashion-MNIST's size, at the data's own resolution
+    'cpu-resnet10t': (28, 4096, 512, ['--model', 'resnet10t', '--img-size', '28', '-b', '128', '--epochs', '2',
+                                      '--lr', '0.05', '--mixup', '0.8', '--workers', '2', '--device', 'cpu']),
     # the data pipeline decides: a small model on small images in large batches
     'gpu-resnet18': (28, 16384, 2048, ['--model', 'resnet18', '--img-size', '32', '-b', '256', '--epochs', '3',
                                        '--lr', '0.2', '--mixup', '0.8', '--workers', '8', '--pin-mem']),
@@ -58,12 +64,17 @@ METHODS = {
     'dg': ['--opt', 'gmix_sam', '--mixup-mode', 'dg'],
     'msam_g': ['--opt', 'gmix_sam', '--mixup-mode', 'g', '--sam-perturb', 'momentum', '--rho', '0.5'],
     'dg_every_8': ['--opt', 'gmix_sam', '--mixup-mode', 'dg', '--sam-interval', '8'],
+    'sgd_mixup_device': ['--opt', 'sgd', '--device-data'],
+    'g_device': ['--opt', 'gmix_sam', '--mixup-mode', 'g', '--device-data'],
 }
 LABELS = {'sgd_mixup': 'SGD + Mixup', 'g': 'G-Mix', 'bg': 'BG-Mix', 'dg': 'DG-Mix', 'msam_g': 'G-Mix (MSAM)',
-          'dg_every_8': 'DG-Mix (every 8th)'}
-# method: (figure, at most or at least, target) from issue 18
+          'dg_every_8': 'DG-Mix (every 8th)', 'sgd_mixup_device': 'SGD + Mixup, --device-data',
+          'g_device': 'G-Mix, --device-data'}
+DEFAULT_METHODS = ['sgd_mixup', 'g', 'bg', 'dg', 'msam_g', 'dg_every_8']
+# method: (figure, at most or at least, target) from issues 18 and 25 ('bare': images/s against the bare loop)
 TARGETS = {'sgd_mixup': [('images/s', '>=', 0.97), ('wall', '<=', 1.10)], 'g': [('step', '<=', 2.05)],
-           'dg': [('step', '<=', 2.4)], 'msam_g': [('step', '<=', 1.15)], 'dg_every_8': [('step', '<=', 1.15)]}
+           'dg': [('step', '<=', 2.4)], 'msam_g': [('step', '<=', 1.15)], 'dg_every_8': [('step', '<=', 1.15)],
+           'sgd_mixup_device': [('images/s', '>=', 1.15), ('bare', '>=', 0.95)]}
 TIMM_RATE = re.compile(r'^Train: (\d+) \[\s*(\d+)/(\d+) .*\(\s*[\d.]+s,\s*([\d.]+)/s\)', re.M)
 OURS_RATE = re.compile(r'^epoch \d+/\d+ .*\| train (\d+) img/s', re.M)
 
@@ -119,7 +130,10 @@ def main():
     parser.add_argument('--timm-train', required=True, help="timm's train.py (from a timm checkout)")
     parser.add_argument('--preset', default='cpu', choices=PRESETS)
     parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=METHODS)
+    parser.add_argument('--bare', action='store_true',
+                        help='also run the bare loop (benchmarks/bare_loop.py: the model, SGD and Mixup on one batch '
+                             'in memory) and report images/s against it')
     parser.add_argument('--seed', type=int, default=0, help='of the shuffled order of the runs in a round')
     parser.add_argument('--compile', action='store_true', help='--torchcompile (inductor) on both sides')
     parser.add_argument('--out', default=None, help='Markdown file (default benchmarks/results/vs_timm_<preset>.md)')
@@ -130,6 +144,10 @@ def main():
     data = image_folder(side, num_train, num_val)
     common = [str(data), *flags, '--num-classes', '10', *(['--torchcompile'] if args.compile else [])]
     runs = {'timm': [sys.executable, str(Path(args.timm_train).resolve()), *common]}
+    if args.bare:
+        batch = int(flags[flags.index('-b') + 1])
+        runs['bare'] = [sys.executable, str(ROOT / 'benchmarks' / 'bare_loop.py'), *common, '--steps',
+                        str(num_train // batch)]
     runs.update({m: [sys.executable, str(ROOT / 'train.py'), *common, *METHODS[m]] for m in args.methods})
     order = random.Random(args.seed)
     epochs = {name: [] for name in runs}  # [(images/s of each epoch, wall s)] per round
@@ -151,6 +169,9 @@ def report(args, results, runs, epochs=None, num_train=0):
 
     def ratios(name, figure):
         pairs = zip(results[name], timm)
+        if figure == 'bare':
+            return statistics.median(ours[0] / ref[0] for ours, ref in zip(results[name], results['bare'])) \
+                if 'bare' in results else float('nan')
         if figure == 'images/s':
             return statistics.median(ours[0] / ref[0] for ours, ref in pairs)
         if figure == 'step':
@@ -170,25 +191,32 @@ def report(args, results, runs, epochs=None, num_train=0):
         f'Flags of every run: `{" ".join(runs["timm"][2:]).replace(str(ROOT) + "/", "")}`, plus the method\'s.',
         '',
         '| run | training images/s (median) | wall s (median) | images/s / timm SGD + Mixup | step time / timm SGD + '
-        'Mixup | wall / timm SGD + Mixup | target | met |',
-        '| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |',
+        'Mixup | wall / timm SGD + Mixup | images/s / bare loop | target | met |',
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |',
         f'| timm train.py, SGD + Mixup | {statistics.median(r[0] for r in timm):.0f} | '
-        f'{statistics.median(r[1] for r in timm):.1f} | 1 | 1 | 1 | | |',
+        f'{statistics.median(r[1] for r in timm):.1f} | 1 | 1 | 1 | {ratios("timm", "bare"):.3f} | | |',
     ]
     summary = {}
     for name in results:
         if name == 'timm':
             continue
-        figures = {figure: ratios(name, figure) for figure in ('images/s', 'step', 'wall')}
+        figures = {figure: ratios(name, figure) for figure in ('images/s', 'step', 'wall', 'bare')}
         targets = TARGETS.get(name, [])
         met = [figures[f] >= t if op == '>=' else figures[f] <= t for f, op, t in targets]
         summary[name] = {**figures, 'met': all(met) if targets else None}
+        label = 'bare loop (`benchmarks/bare_loop.py`)' if name == 'bare' else \
+            f'train.py, {LABELS[name]} (`{" ".join(METHODS[name])}`)'
         lines.append(
-            f'| train.py, {LABELS[name]} (`{" ".join(METHODS[name])}`) | '
+            f'| {label} | '
             f'{statistics.median(r[0] for r in results[name]):.0f} | {statistics.median(r[1] for r in results[name]):.1f}'
-            f' | {figures["images/s"]:.3f} | {figures["step"]:.3f} | {figures["wall"]:.3f} | '
+            f' | {figures["images/s"]:.3f} | {figures["step"]:.3f} | {figures["wall"]:.3f} | {figures["bare"]:.3f} | '
             f'{", ".join(f"{f} {op} {t}" for f, op, t in targets)} | '
             f'{"" if not targets else "yes" if all(met) else "no"} |')
+    own = [(g, sgd) for g, sgd in (('g', 'sgd_mixup'), ('g_device', 'sgd_mixup_device')) if g in results and sgd in results]
+    if own:
+        lines += ['', "G-Mix's step against train.py's own SGD + Mixup step with the same data path (median of per-round "
+                  'ratios): ' + ', '.join(f'{LABELS[g]} {statistics.median(b[0] / a[0] for a, b in zip(results[g], results[sgd])):.3f}'
+                                          for g, sgd in own)]
     if epochs is not None:
         lines += ['', 'Compilation: the first epoch against the later ones (median over rounds), seconds:', '']
         lines += [f'- {name}: first epoch {statistics.median(num_train / rates[0] for rates, _ in rows):.1f} s, a later '

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import timm
 import pytest
 import torch
 from PIL import Image
@@ -229,3 +230,43 @@ def test_a_split_that_does_not_fit_or_differs_in_size_is_one_line(monkeypatch):
     monkeypatch.setattr('timm_gmix.training.device_data.free_memory', lambda device: 2 ** 30)
     with pytest.raises(UsageError, match=r'takes 0.56 GiB, more than 50% of the 1.00 GiB free on cpu'):
         decode(Images([(448, 448)] * 1000), torch.device('cpu'), 'training')
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+    import datasets
+    from helpers.image_data import make_image_folder, make_parquet_dataset, make_saved_dataset
+    root = tmp_path_factory.mktemp('sources')
+    with pytest.MonkeyPatch.context() as patch:  # `datasets` caches what it converts: not in the user's cache
+        patch.setattr(datasets.config, 'HF_DATASETS_CACHE', root / 'hf_datasets_cache')
+        yield {
+            'folder': ['--data-dir', make_image_folder(root / 'images', val_folder='val')],
+            'save_to_disk': ['--dataset', make_saved_dataset(root / 'saved')],
+            'hfds_parquet': ['--dataset', f'hfds/{make_parquet_dataset(root / "parquet")}'],
+            'digits': ['--dataset', 'digits'],
+        }
+
+
+@pytest.mark.parametrize('source', ['folder', 'save_to_disk', 'hfds_parquet', 'digits'])
+def test_every_source_decodes_to_its_own_pixels_and_trains(source, sources, tmp_path):
+    """ The decoded split is the images as PIL decodes them (uint8, C x H x W), labels in order; one epoch of
+    DG-Mix trains on it. """
+    from helpers import ROOT
+    from timm_gmix.training.args import parse_args
+    from timm_gmix.training.data import load_splits
+    from timm_gmix.training.device_data import untransformed
+    from timm_gmix.training.loader import with_transforms
+
+    flags = [*sources[source], '--model', 'resnet10t', '--img-size', '16', '-b', '8', '--workers', '0',
+             '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', '--device-data', '--epochs', '1']
+    args = parse_args([str(f) for f in flags], default_config=ROOT / 'configs' / 'digits.yaml')
+    train_split, val_split, _ = load_splits(args)
+    train_set, _, _ = with_transforms(train_split, val_split, args, timm.create_model('resnet10t', num_classes=3))
+    images, labels = decode(untransformed(train_set), torch.device('cpu'), 'training')
+    pil = untransformed(train_set)
+    assert labels.tolist() == list(train_set.split[train_set.label_column])
+    for i in range(0, len(images), max(1, len(images) // 16)):
+        assert torch.equal(images[i], pil[i][0]), i
+    train_main([*flags, '--output', tmp_path, '--experiment', 'run'])
+    [row] = read_summary(tmp_path / 'run')
+    assert row['train_skipped'] == '0' and float(row['eval_loss']) > 0
