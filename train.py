@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, gather_object, set_seed
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, accuracy, distribute_bn
 from tqdm import tqdm
 
@@ -237,7 +239,9 @@ def open_run(args, accelerator, resume):
     return run_dir, lock
 
 
-def main(argv=None):
+def parse_and_check(argv):
+    """ (args, resume): the command line over its preset, checked, and the state --resume names (None without it),
+    checked against the flags that cannot change mid-epoch. """
     args = parse_args(sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG)
     for module in args.device_modules or ():
         __import__(module)
@@ -246,7 +250,21 @@ def main(argv=None):
         check_mid_epoch(resume, args)
     tracker_names(args)
     check_push_to_hub(args)
+    return args, resume
 
+
+@dataclasses.dataclass
+class Data:
+    """ The training and validation sets as the model takes them, and what the model card says of them. """
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    num_classes: int
+    label_names: Optional[list]
+    config: dict  # timm's data config for the model: input size, interpolation, mean, std, crop
+
+
+def load_data_and_model(args):
+    """ (Data, model): the splits, checked before the model is built for them, and timm's transforms for it. """
     train_split, val_split, num_classes = load_splits(args)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UsageError(f'--num-classes {args.num_classes} disagrees with the data, which has {num_classes} '
@@ -256,14 +274,36 @@ def main(argv=None):
     train_set, val_set, data_config = with_transforms(train_split, val_split, args, model)
     model = configure_model(model, args)
     check_input_size(model, args, data_config['input_size'])
+    label_names = getattr(train_split.features[args.target_key], 'names', None)
+    return Data(train_set, val_set, num_classes, label_names, data_config), model
 
+
+@dataclasses.dataclass
+class Training:
+    """ What trains, prepared by Accelerate; the scheduler, `state` and the EMA are checkpointed with the model and
+    the optimizer. """
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Optional[ModelEmaV3]
+    scheduler: Scheduler
+    num_epochs: int
+    updates_per_epoch: int
+    state: TrainState
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    mixup_fn: object
+    loss_fn: torch.nn.Module
+
+
+def prepare(args, data, model) -> Training:
     accelerator = make_accelerator(args)
     set_cuda_backends(accelerator.device)
     set_seed(args.seed, device_specific=True)  # timm: seed + rank (lam, masks); DDP syncs the initial weights
-    train_loader, val_loader = create_loaders(train_set, val_set, args, accelerator, data_config)
+    train_loader, val_loader = create_loaders(data.train_set, data.val_set, args, accelerator, data.config)
     if len(train_loader) < args.grad_accum_steps:
-        raise UsageError(f'{len(train_set)} training examples do not fill one update of {args.grad_accum_steps} x '
-                         f'{args.batch_size} per process: lower --batch-size or --grad-accum-steps')
+        raise UsageError(f'{len(data.train_set)} training examples do not fill one update of {args.grad_accum_steps} '
+                         f'x {args.batch_size} per process: lower --batch-size or --grad-accum-steps')
     args.lr = resolve_lr(args, accelerator.num_processes)
     # As in timm, the EMA copies the model on its device (prepare would move it there only after) and before
     # the DDP wrapper; --model-ema-force-cpu keeps it on the CPU.
@@ -278,145 +318,189 @@ def main(argv=None):
                                                 updates_per_epoch=updates_per_epoch)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
-    mixup_fn = create_mixup(args, num_classes)
-    loss_fn = create_loss(args, num_classes)
+    return Training(accelerator, model, optimizer, ema, scheduler, num_epochs, updates_per_epoch, state, train_loader,
+                    val_loader, create_mixup(args, data.num_classes), create_loss(args, data.num_classes))
 
-    run_dir, lock = open_run(args, accelerator, resume)
-    meta = {'model': args.model, 'num_classes': num_classes, 'opt': args.opt, 'sam_base': args.sam_base,
-            'model_ema': bool(args.model_ema), 'epoch_plan': epoch_plan(args)}
-    if resume is not None and resume.state is not None:
-        # As in timm, the command line decides the schedule and the hyperparameters; the checkpoint, what
-        # training made of the model and the optimizer, and where it stands.
-        command_line = CommandLineSettings(optimizer, scheduler)
-        fresh_optimizer = optimizer.state_dict() if args.no_resume_opt else None
-        load_state(accelerator, resume.state, meta)
+
+class Run:
+    """ The run folder, locked while the run trains in it, and what the run writes there: its args, training
+    states (`save`), the best epochs (`keeper`), the best and the final model with their card. Made, it stands
+    where the run continues: the state --resume names loaded under the command line's settings, the scheduler
+    stepped to it, and args.yaml holding the flags the run trains with from here on. """
+
+    def __init__(self, args, training: Training, data: Data, resume):
+        self.args, self.training, self.data = args, training, data
+        self.dir, self.lock = open_run(args, training.accelerator, resume)
+        self.meta = {'model': args.model, 'num_classes': data.num_classes, 'opt': args.opt, 'sam_base': args.sam_base,
+                     'model_ema': bool(args.model_ema), 'epoch_plan': epoch_plan(args)}
+        state, accelerator = training.state, training.accelerator
+        if resume is not None and resume.state is not None:
+            self._load(resume)
+        if args.start_epoch is not None:
+            state.epoch, state.updates_in_epoch = args.start_epoch - 1, 0
+            state.num_updates = args.start_epoch * training.updates_per_epoch
+        if resume is not None or args.start_epoch is not None:
+            step_to(training.scheduler, state.epoch + 1, state.num_updates)
+        self._check_epochs()
+        if accelerator.is_main_process:
+            trim_summary(self.dir / 'summary.csv', state.epoch)
+            with writing(self.dir / 'args.yaml') as tmp:  # only now: every check above has passed
+                tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
+        # over the loaded history: loading replaces TrainState's list
+        self.keeper = CheckpointKeeper(self.dir, state.history, args.checkpoint_hist,
+                                       decreasing=args.eval_metric == 'loss')
+        if resume is not None and resume.state is not None and resume.newest and accelerator.is_main_process:
+            # repair a kill between the save and the links
+            self.keeper.materialize(state.epoch, self.export_best if state.updates_in_epoch == 0 else None)
+
+    def _load(self, resume):
+        """ As in timm, the command line decides the schedule and the hyperparameters; the checkpoint, what training
+        made of the model and the optimizer, and where it stands. """
+        args, t = self.args, self.training
+        command_line = CommandLineSettings(t.optimizer, t.scheduler)
+        fresh_optimizer = t.optimizer.state_dict() if args.no_resume_opt else None
+        load_state(t.accelerator, resume.state, self.meta)
         if args.no_resume_opt:
-            optimizer.load_state_dict(fresh_optimizer)
+            t.optimizer.load_state_dict(fresh_optimizer)
         changed = changed_flags(resume.run_dir, args)
-        command_line.apply(optimizer, scheduler, lr_changed='--lr' in changed)
-        accelerator.print(f'resumed from {resume.state} ({describe(resume.state)})' + (
+        command_line.apply(t.optimizer, t.scheduler, lr_changed='--lr' in changed)
+        t.accelerator.print(f'resumed from {resume.state} ({describe(resume.state)})' + (
             '; flags that differ from its args.yaml take effect: ' + ', '.join(
                 f'{flag} {now} (was {was})' for flag, (was, now) in changed.items()) if changed else ''))
         if not resume.newest:  # continued from an older state in a new folder: its best checkpoints stay behind
-            state.history.clear()
-    if args.start_epoch is not None:
-        state.epoch, state.updates_in_epoch = args.start_epoch - 1, 0
-        state.num_updates = args.start_epoch * updates_per_epoch
-    if resume is not None or args.start_epoch is not None:
-        step_to(scheduler, state.epoch + 1, state.num_updates)
-    trained, finished = state.epoch + 1, (run_dir / 'model').is_dir() and state.updates_in_epoch == 0
-    if trained > num_epochs or (trained == num_epochs and state.updates_in_epoch):
-        done = f' and {state.updates_in_epoch} updates of epoch {trained + 1}' if state.updates_in_epoch else ''
-        flag = trained - (num_epochs - args.epochs)  # timm's schedule adds --cooldown-epochs to --epochs
-        raise UsageError(f'the run in {run_dir} trained {trained} epochs{done}, more than --epochs {args.epochs} asks: '
-                         + (f'pass --epochs {flag + 1} or more to train longer' if finished or done else
-                            f'pass --epochs {flag} to export it as it stands, or more to train longer'))
-    if trained == num_epochs:
-        if finished:
-            raise UsageError(f'the run in {run_dir} already trained all {num_epochs} epochs: raise --epochs to '
-                             f'train longer')
-        accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did not finish exporting')
-    if accelerator.is_main_process:
-        trim_summary(run_dir / 'summary.csv', state.epoch)
-        with writing(run_dir / 'args.yaml') as tmp:  # what the run trains with from here on
-            tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
+            t.state.history.clear()
 
-    def evaluated():  # as in timm, a validated EMA is what best selection ranks
-        return ema.module if ema is not None and not args.model_ema_force_cpu else accelerator.unwrap_model(model, keep_torch_compile=False)
+    def _check_epochs(self):
+        """ A run that trained all of --epochs only exports, if it has not yet; one that trained more is refused. """
+        args, state, num_epochs = self.args, self.training.state, self.training.num_epochs
+        trained, finished = state.epoch + 1, (self.dir / 'model').is_dir() and state.updates_in_epoch == 0
+        if trained > num_epochs or (trained == num_epochs and state.updates_in_epoch):
+            done = f' and {state.updates_in_epoch} updates of epoch {trained + 1}' if state.updates_in_epoch else ''
+            flag = trained - (num_epochs - args.epochs)  # timm's schedule adds --cooldown-epochs to --epochs
+            raise UsageError(f'the run in {self.dir} trained {trained} epochs{done}, more than --epochs {args.epochs} '
+                             f'asks: ' + (f'pass --epochs {flag + 1} or more to train longer' if finished or done else
+                                          f'pass --epochs {flag} to export it as it stands, or more to train longer'))
+        if trained == num_epochs:
+            if finished:
+                raise UsageError(f'the run in {self.dir} already trained all {num_epochs} epochs: raise --epochs to '
+                                 f'train longer')
+            self.training.accelerator.print(f'all {num_epochs} epochs were trained; exporting the model the run did '
+                                            f'not finish exporting')
 
-    keeper = CheckpointKeeper(run_dir, state.history, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """ As in timm, a validated EMA is what best selection ranks. """
+        t = self.training
+        if t.ema is not None and not self.args.model_ema_force_cpu:
+            return t.ema.module
+        return t.accelerator.unwrap_model(t.model, keep_torch_compile=False)
 
-    def card(final_metrics):
-        metric, epoch = keeper.best
-        return {'dataset': args.dataset or args.data_dir, 'num_train': len(train_set), 'num_val': len(val_set),
-                'label_names': getattr(train_split.features[args.target_key], 'names', None),
-                'final': final_metrics, 'best_metric': metric, 'best_epoch': epoch, 'eval_metric': args.eval_metric,
-                'epochs_trained': state.epoch + 1}
+    def card(self, final_metrics) -> dict:
+        metric, epoch = self.keeper.best
+        return {'dataset': self.args.dataset or self.args.data_dir, 'num_train': len(self.data.train_set),
+                'num_val': len(self.data.val_set), 'label_names': self.data.label_names, 'final': final_metrics,
+                'best_metric': metric, 'best_epoch': epoch, 'eval_metric': self.args.eval_metric,
+                'epochs_trained': self.training.state.epoch + 1}
 
-    def export_best(metrics=None):
-        folder = export_model(evaluated(), run_dir / 'model_best', args, data_config, card(metrics))
-        with writing(run_dir / 'model_best.safetensors') as tmp:  # the same file, for timm.models.load_checkpoint
+    def export_best(self, metrics=None):
+        folder = export_model(self.evaluated, self.dir / 'model_best', self.args, self.data.config, self.card(metrics))
+        with writing(self.dir / 'model_best.safetensors') as tmp:  # the same file, for timm.models.load_checkpoint
             tmp.hardlink_to(folder / 'model.safetensors')
 
-    def save(name, epoch, updates_done=0):
-        """ The training state in run_dir/name, `updates_done` updates into `epoch` (0: after it), never one with a
-        non-finite weight or optimizer value. """
-        tensors = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else []),
-                   *(t for s in optimizer.state_dict()['state'].values() for t in s.values())]
+    def save(self, name, epoch, updates_done=0):
+        """ The training state in the run folder's `name`, `updates_done` updates into `epoch` (0: after it), never
+        one with a non-finite weight or optimizer value. """
+        t = self.training
+        tensors = [*t.model.state_dict().values(), *(t.ema.state_dict().values() if t.ema is not None else []),
+                   *(v for s in t.optimizer.state_dict()['state'].values() for v in s.values())]
         if not all_finite(tensors):
-            raise diverged(f'the weights or optimizer state are not finite in epoch {epoch + 1}: not saved', run_dir,
-                           args, accelerator)
+            raise diverged(f'the weights or optimizer state are not finite in epoch {epoch + 1}: not saved', self.dir,
+                           self.args, t.accelerator)
         position = (epoch, updates_done) if updates_done else (epoch + 1, 0)
-        save_state(accelerator, run_dir / name, {**meta, 'position': position})
+        save_state(t.accelerator, self.dir / name, {**self.meta, 'position': position})
 
-    if resume is not None and resume.state is not None and resume.newest and accelerator.is_main_process:
-        # repair a kill between the save and the links
-        keeper.materialize(state.epoch, export_best if state.updates_in_epoch == 0 else None)
-    start_tracking(accelerator, args, run_dir, run_dir.name)
-    accelerator.print(f'{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) | '
-                      f'{args.opt} | mixup-mode {args.mixup_mode} | {len(train_set)} train / {len(val_set)} val '
-                      f'images, {num_classes} classes | {accelerator.num_processes} process(es), '
-                      f'precision {accelerator.mixed_precision} | lr {args.lr:.4g} | {run_dir}')
+    def finish(self, eval_metrics):
+        """ The final model exported (and pushed), the trackers ended, the lock released. """
+        args, t = self.args, self.training
+        final = t.ema.module if t.ema is not None and args.export_ema else \
+            t.accelerator.unwrap_model(t.model, keep_torch_compile=False)
+        if t.accelerator.is_main_process:
+            final_card = self.card(eval_metrics)
+            export_model(final, self.dir / 'model', args, self.data.config, final_card)
+            if args.push_to_hub:
+                push_to_hub(final, self.dir / 'model', args, self.data.config, final_card)
+        t.accelerator.end_training()
+        best_metric, best_epoch = self.keeper.best
+        ranked = f'EMA {args.eval_metric}' if t.ema is not None and not args.model_ema_force_cpu else args.eval_metric
+        t.accelerator.print(f'Validation top-1 accuracy: {eval_metrics["top1"]:.2f}% '
+                            f'(best {ranked} {best_metric:.4g} at epoch {best_epoch + 1}); model in '
+                            f'{self.dir / "model"}, best in {self.dir / "model_best"}')
+        if self.lock is not None:
+            self.lock.release()
 
+
+def train(run: Run) -> dict:
+    """ The epochs the run has left, each validated (every --val-interval), logged and checkpointed; the
+    validation metrics of the last (of the model as it stands if no epoch was left). """
+    args, t = run.args, run.training
+    accelerator, state = t.accelerator, t.state
+    start_tracking(accelerator, args, run.dir, run.dir.name)
+    accelerator.print(f'{args.model} ({sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M params) | '
+                      f'{args.opt} | mixup-mode {args.mixup_mode} | {len(run.data.train_set)} train / '
+                      f'{len(run.data.val_set)} val images, {run.data.num_classes} classes | '
+                      f'{accelerator.num_processes} process(es), precision {accelerator.mixed_precision} | '
+                      f'lr {args.lr:.4g} | {run.dir}')
     eval_metrics = {}
-    for epoch in range(state.epoch + 1, num_epochs):
+    for epoch in range(state.epoch + 1, t.num_epochs):
         start = time.time()
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_metrics = train_one_epoch(epoch, model, optimizer, train_loader, mixup_fn, loss_fn, scheduler, ema,
-                                        state, accelerator, args, run_dir, save)
-        images_per_sec = len(train_loader) * args.batch_size * accelerator.num_processes / (time.time() - start)
+        if t.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            t.mixup_fn.mixup_enabled = False
+        train_metrics = train_one_epoch(epoch, t.model, t.optimizer, t.train_loader, t.mixup_fn, t.loss_fn,
+                                        t.scheduler, t.ema, state, accelerator, args, run.dir, run.save)
+        images_per_sec = len(t.train_loader) * args.batch_size * accelerator.num_processes / (time.time() - start)
         if accelerator.num_processes > 1 and args.dist_bn:
-            distribute_bn(model, accelerator.num_processes, args.dist_bn == 'reduce')
+            distribute_bn(t.model, accelerator.num_processes, args.dist_bn == 'reduce')
         state.epoch = epoch
-        if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:
-            scheduler.step(epoch + 1)
+        if (epoch + 1) % args.val_interval and epoch + 1 != t.num_epochs:
+            t.scheduler.step(epoch + 1)
             continue
-        eval_metrics = validate(model, val_loader, accelerator, args)
-        if ema is not None and not args.model_ema_force_cpu:
+        eval_metrics = validate(t.model, t.val_loader, accelerator, args)
+        if t.ema is not None and not args.model_ema_force_cpu:
             if accelerator.num_processes > 1 and args.dist_bn:  # timm distributes the EMA's statistics too
-                distribute_bn(ema, accelerator.num_processes, args.dist_bn == 'reduce')
-            eval_metrics.update({f'ema_{k}': v for k, v in validate(ema, val_loader, accelerator, args).items()})
+                distribute_bn(t.ema, accelerator.num_processes, args.dist_bn == 'reduce')
+            eval_metrics.update({f'ema_{k}': v for k, v in validate(t.ema, t.val_loader, accelerator, args).items()})
         metric = eval_metrics[f'ema_{args.eval_metric}' if f'ema_{args.eval_metric}' in eval_metrics
                               else args.eval_metric]
-        scheduler.step(epoch + 1, metric)
-        lr = mean_lr(optimizer)
+        t.scheduler.step(epoch + 1, metric)
+        lr = mean_lr(t.optimizer)
         if accelerator.is_main_process:
             # The row goes first: if the save below is interrupted, resuming from the previous checkpoint
             # trims this row and repeats the epoch; the other order would lose the row for good.
-            write_summary(run_dir / 'summary.csv', epoch, train_metrics, eval_metrics, lr)
+            write_summary(run.dir / 'summary.csv', epoch, train_metrics, eval_metrics, lr)
         log_epoch(accelerator, epoch, {**{f'train_{k}': v for k, v in train_metrics.items()},
                                        **{f'eval_{k}': v for k, v in eval_metrics.items()}, 'lr': lr})
         if not math.isfinite(eval_metrics['loss']):  # finite weights can still make non-finite outputs
             raise diverged(f'the model diverged in epoch {epoch + 1} (validation loss {eval_metrics["loss"]}): '
-                           f'not saved', run_dir, args, accelerator)
-        keeper.rank(epoch, metric)
-        save(LAST, epoch)
+                           f'not saved', run.dir, args, accelerator)
+        run.keeper.rank(epoch, metric)
+        run.save(LAST, epoch)
         if accelerator.is_main_process:
-            keeper.materialize(epoch, lambda: export_best(eval_metrics))
+            run.keeper.materialize(epoch, lambda: run.export_best(eval_metrics))
         accelerator.wait_for_everyone()
         extra = ''.join(f' | {k} {v:.4g}' for k, v in train_metrics.items() if k not in ('loss', 'skipped'))
-        accelerator.print(f'epoch {epoch + 1}/{num_epochs} | train loss {train_metrics["loss"]:.4f} | '
+        accelerator.print(f'epoch {epoch + 1}/{t.num_epochs} | train loss {train_metrics["loss"]:.4f} | '
                           f'val loss {eval_metrics["loss"]:.4f} | val top1 {eval_metrics["top1"]:.2f}% | '
                           f'lr {lr:.3g} | skipped {train_metrics["skipped"]}{extra} | train {images_per_sec:.0f} img/s | '
                           f'{time.time() - start:.1f}s')
+    return eval_metrics or validate(t.model, t.val_loader, accelerator, args)  # a finished run only exported now
 
-    if not eval_metrics:  # a finished run that is only exported now
-        eval_metrics = validate(model, val_loader, accelerator, args)
-    final = ema.module if ema is not None and args.export_ema else accelerator.unwrap_model(model, keep_torch_compile=False)
-    if accelerator.is_main_process:
-        final_card = card(eval_metrics)
-        export_model(final, run_dir / 'model', args, data_config, final_card)
-        if args.push_to_hub:
-            push_to_hub(final, run_dir / 'model', args, data_config, final_card)
-    accelerator.end_training()
-    best_metric, best_epoch = keeper.best
-    ranked = f'EMA {args.eval_metric}' if ema is not None and not args.model_ema_force_cpu else args.eval_metric
-    accelerator.print(f'Validation top-1 accuracy: {eval_metrics["top1"]:.2f}% '
-                      f'(best {ranked} {best_metric:.4g} at epoch {best_epoch + 1}); model in '
-                      f'{run_dir / "model"}, best in {run_dir / "model_best"}')
-    if lock is not None:
-        lock.release()
+
+def main(argv=None):
+    args, resume = parse_and_check(argv)
+    data, model = load_data_and_model(args)
+    training = prepare(args, data, model)
+    run = Run(args, training, data, resume)
+    run.finish(train(run))
 
 
 if __name__ == '__main__':
