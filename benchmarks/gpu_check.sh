@@ -18,6 +18,7 @@
 #   vs_timm_gpu-resnet18.md/.json          train.py against timm's train.py, resnet18 32x32 batch 256 from an
 #                                          image folder (the data pipeline decides), and
 #   vs_timm_gpu-resnet50.md/.json          resnet50 224x224 batch 128 bf16, channels-last, timm's prefetcher
+#   vs_timm_gpu-resnet18-bf16.md/.json     --device-data against timm's workers and a bare loop (issue 25: 3x timm)
 #   gpu_compile_vs_timm.md                 train.py --torchcompile (inductor) against timm's --torchcompile, with
 #                                          the compile time of the first epoch apart
 # (GPU_CHECK_RESULTS=DIR writes them there instead.) Every run gets what is left of a time budget (GPU_CHECK_BUDGET
@@ -162,6 +163,11 @@ elif [[ -n "${TIMM_TRAIN:-}" ]]; then
         run "$out" 120 "$PY" benchmarks/vs_timm.py --timm-train "$TIMM_TRAIN" --preset "$preset" --rounds 2 \
             --methods sgd_mixup g dg msam_g dg_every_8 --out "$out"
     done
+    # issue 25: --device-data against timm's workers and a bare loop, resnet18 32x32 batch 256, bf16, channels-last
+    out="$RESULTS/vs_timm_gpu-resnet18-bf16.md"
+    rm -f "$out"
+    run "$out" 120 "$PY" benchmarks/vs_timm.py --timm-train "$TIMM_TRAIN" --preset gpu-resnet18-bf16 --rounds 2 \
+        --bare --methods sgd_mixup sgd_mixup_device g g_device --out "$out"
     out="$RESULTS/gpu_compile_vs_timm.md"
     rm -f "$out"
     run "$out" 120 "$PY" benchmarks/vs_timm.py --timm-train "$TIMM_TRAIN" --preset gpu-resnet50 --rounds 1 \
