@@ -284,3 +284,16 @@ def test_log_with_all_includes_tensorboard(tracked_run):
     scalars = read_events(tracked_run.run_dir / 'timm-gmix')
     assert [e.step for e in scalars.Scalars('train/loss')] == UPDATES
     assert len(scalars.Scalars('epoch/eval_top1')) == 2
+
+
+def test_mlflow_without_a_store_it_can_open_is_one_line(monkeypatch):
+    """ MLflow 3 logs to sqlite:///mlflow.db unless MLFLOW_TRACKING_URI says otherwise, and sqlite needs SQLAlchemy,
+    which mlflow-skinny does not bring: without it, one line before training instead of MLflow's traceback after
+    the model is built. """
+    monkeypatch.delenv('MLFLOW_TRACKING_URI', raising=False)
+    args = Namespace(log_with=['mlflow'])
+    monkeypatch.setattr(tracking, 'find_spec', lambda name: None if name == 'sqlalchemy' else object())
+    with pytest.raises(UsageError, match='needs the full mlflow package: pip install mlflow, or set MLFLOW_TRACKING_URI'):
+        tracker_names(args)
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', 'file:/tmp/mlruns')
+    assert tracker_names(args) == ['mlflow']

@@ -10,6 +10,7 @@ updates goes under `train/`, at step = the number of optimizer updates. wandb, w
 both at its own step, with `epoch` or `update` as a value.
 """
 import csv
+import os
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def tracker_names(args):
         if package is not None and find_spec(package) is None:
             raise UsageError(f'--log-with {name} needs the {package} package: pip install {package} '
                              f'(or drop --log-with {name})')
+    if 'mlflow' in args.log_with and not os.environ.get('MLFLOW_TRACKING_URI') and find_spec('sqlalchemy') is None:
+        # MLflow 3's default store, sqlite:///mlflow.db, needs SQLAlchemy, which mlflow-skinny does not bring
+        raise UsageError('--log-with mlflow logs to sqlite:///mlflow.db by default, which needs the full mlflow '
+                         'package: pip install mlflow, or set MLFLOW_TRACKING_URI (e.g. to an MLflow server)')
     return list(args.log_with)
 
 
