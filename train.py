@@ -297,6 +297,8 @@ class Training:
 
 
 def prepare(args, data, model) -> Training:
+    """ The order is timm's where it decides a result: the seeds, the EMA copied before the DDP wrapper, the
+    schedule built on the prepared optimizer. """
     accelerator = make_accelerator(args)
     set_cuda_backends(accelerator.device)
     set_seed(args.seed, device_specific=True)  # timm: seed + rank (lam, masks); DDP syncs the initial weights
