@@ -40,7 +40,7 @@ NOT_APPLICABLE = {
 PLUGIN_FLAGS = ('train_subset', 'sam_base', 'rho', 'asam', 'sync_ascent', 'sam_interval', 'sam_reuse', 'sam_perturb',
                 'lam_mode', 'gmix_ratio', 'gmix_flag',
                 'mixed_precision', 'export_ema', 'max_bad_steps', 'step_guard', 'log_with', 'push_to_hub',
-                'skip_bad_images')
+                'skip_bad_images', 'device_data')
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 
 
