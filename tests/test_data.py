@@ -364,9 +364,9 @@ BAD_DATA = {  # case: (flags, words of the one line); upper-case flags are made 
     'no data': (['-c', 'MODEL_ONLY_YAML'],
                 'no data given: pass train.py DIR or --data-dir DIR (an image folder), or --dataset (hfds/<name>, '
                 'a folder with the data, or digits)'),
-    'timm reader not read here': (['--dataset', 'torch/cifar10'], "--dataset torch/cifar10: timm's torch/ datasets "
+    'timm reader not read here': (['--dataset', 'tfds/cifar10'], "--dataset tfds/cifar10: timm's tfds/ datasets "
                                   'are not read here; use an image folder (train.py DIR), hfds/<Hub name or folder>, '
-                                  'a folder with the data, or digits'),
+                                  'torch/<name>, a folder with the data, or digits'),
     'missing image folder': (['--dataset', 'folder', '--data-dir', '/nonexistent/images'],
                              '--data-dir /nonexistent/images is not a folder'),
     'missing dataset folder': (['--dataset', '/nonexistent/data'], '/nonexistent/data', 'does not exist'),

@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (same as --data-dir)')
 
     group = parser.add_argument_group('Dataset')
-    group.add_argument('--data-dir', metavar='DIR', help='image folder DIR/<split>/<class>/<image>; hfds/: cache')
+    group.add_argument('--data-dir', metavar='DIR',
+                       help='image folder DIR/<split>/<class>/<image>; torch/: the root; hfds/: cache')
     group.add_argument('--dataset', metavar='NAME', default='',
                        help='"" (image folder in --data-dir), "digits" (built in), "hfds/<Hub name or folder>", '
+                            '"torch/<name>" (timm\'s torchvision datasets: torch/fashion_mnist, torch/cifar10, ...), '
                             'or a folder with the data (save_to_disk, parquet, csv, images)')
     group.add_argument('--train-split', metavar='NAME', default='train')
     group.add_argument('--val-split', metavar='NAME', default='validation')
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='train on the first N examples of the training split')
     group.add_argument('--val-num-samples', type=int, default=None, metavar='N',
                        help='validate on the first N examples of the validation split')
-    group.add_argument('--dataset-download', action='store_true', help='accepted (hfds/ datasets always download)')
+    group.add_argument('--dataset-download', action='store_true',
+                       help='torch/ datasets: download into --data-dir if not there, as in timm (hfds/: always)')
     group.add_argument('--class-map', default='', metavar='FILENAME',
                        help='text file with one class name per line (its line number is the label)')
     group.add_argument('--input-img-mode', default=None, help='PIL mode the images are converted to (L, RGB)')

@@ -11,8 +11,10 @@
                                   parquet/csv/images; --data-dir is the download cache, as in timm
     --dataset <folder>            a DatasetDict saved with `save_to_disk`, or any folder that
                                   `datasets.load_dataset` reads (parquet, csv, image folder)
+    --dataset torch/<name>        timm's torchvision datasets (torch/fashion_mnist, torch/mnist, torch/cifar10, ...)
+                                  on --data-dir ROOT, --dataset-download as in timm (see torch_datasets.py)
 
-timm's other readers (torch/, tfds/, wds/, hfids/) are not read here. The image column is the first of
+timm's other readers (tfds/, wds/, hfids/) are not read here. The image column is the first of
 image, img (or --input-key); the label column the first of label, labels, fine_label (or --target-key).
 Labels may be integers or strings (strings are numbered in sorted order, or by --class-map); the number
 of classes is read from the data. Images are decoded by `ImageClassification` (so that an unreadable file
@@ -33,8 +35,9 @@ SPLIT_SEED = 0  # the digits split and --train-subset: the same examples for eve
 DIGITS_SPLITS = {'train': 0.6, 'validation': 0.2, 'test': 0.2}
 IMAGE_KEYS = ('image', 'img')  # --input-key unset: the first of these in the data
 LABEL_KEYS = ('label', 'labels', 'fine_label')  # --target-key unset
-TIMM_READERS = ('torch/', 'tfds/', 'wds/', 'hfids/')
-READ_HERE = 'an image folder (train.py DIR), hfds/<Hub name or folder>, a folder with the data, or digits'
+TIMM_READERS = ('tfds/', 'wds/', 'hfids/')
+READ_HERE = ('an image folder (train.py DIR), hfds/<Hub name or folder>, torch/<name>, a folder with the data, '
+             'or digits')
 IMAGE_FLAG, LABEL_FLAG = '--image-column (--input-key)', '--label-column (--target-key)'
 
 
@@ -61,12 +64,16 @@ def digits_dataset():
     return datasets.DatasetDict(splits)
 
 
-def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False, splits=()):
-    """ The DatasetDict that `--dataset` (and `--data-dir`) name; `splits`, the ones to be read from it. """
+def load_dataset_dict(name: str, data_dir=None, trust_remote_code=False, splits=(), download=False):
+    """ The DatasetDict that `--dataset` (and `--data-dir`) name; `splits`, the ones to be read from it;
+    `download` (--dataset-download) for timm's torch/ datasets. """
     import datasets
 
     if name == 'digits':
         return digits_dataset()
+    if name.partition('/')[0].lower() == 'torch' and '/' in name:
+        from .torch_datasets import torch_dataset_dict
+        return torch_dataset_dict(name, data_dir, download, splits)
     if name in ('folder', ''):
         if not data_dir:
             raise UsageError('no data given: pass train.py DIR or --data-dir DIR (an image folder), or --dataset '
@@ -457,7 +464,7 @@ def load_splits(args):
     (`datasets.Image(decode=False)`) for ImageClassification; the resolved column names are written back
     to args.input_key and args.target_key. """
     dsets = load_dataset_dict(args.dataset, args.data_dir, args.dataset_trust_remote_code,
-                              (args.train_split, args.val_split))
+                              (args.train_split, args.val_split), getattr(args, 'dataset_download', False))
     train, val = _split(dsets, args.train_split, '--train-split'), _split(dsets, args.val_split, '--val-split')
     for name, split in ((args.train_split, train), (args.val_split, val)):
         args.input_key = _column(split, name, args.input_key, IMAGE_KEYS, IMAGE_FLAG)
