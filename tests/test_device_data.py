@@ -9,7 +9,6 @@ Kolmogorov-Smirnov p-value above 1e-3, a rate within 4 standard errors) hold for
 wrong range (scale 0.08 against 0.2, log against linear aspect) fails them by orders of magnitude.
 """
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +24,7 @@ from timm_gmix.training.device_data import DeviceAugment, DeviceBatches, decode,
 from timm_gmix.training.errors import UsageError
 from timm_gmix.training.loader import DeviceNormalize, EpochBatchSampler
 
-from helpers import SMALL_RUN, assert_bad_input, read_summary, train_main, train_module
+from helpers import SMALL_RUN, assert_bad_input, read_summary, stopped_and_resumed, train_main
 
 N = 4000
 
@@ -173,30 +172,12 @@ RUN = [*SMALL_RUN, '--opt', 'gmix_sam', '--mixup', '0.8', '--mixup-mode', 'dg', 
        '--recovery-interval', '2', '--reprob', '0.25', '--model-ema']
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_device_data_run_resumed_mid_epoch_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    train_main([*RUN, '--output', tmp_path, '--experiment', 'whole'])
-    train = train_module()
-    save = train.save_state
-
-    def save_then_stop(accelerator, path, meta):
-        saved = save(accelerator, path, meta)
-        if Path(path).name == 'recovery' and tuple(meta['position']) == (1, 4):
-            raise Interrupted
-        return saved
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, 'save_state', save_then_stop)
-        with pytest.raises(Interrupted):
-            train_main([*RUN, '--output', tmp_path, '--experiment', 'cut'])
-    train_main([*RUN, '--resume', tmp_path / 'cut'])
+    whole, cut = stopped_and_resumed(RUN, tmp_path, monkeypatch)
     assert 'resumed from' in capsys.readouterr().out
-    assert read_summary(tmp_path / 'cut') == read_summary(tmp_path / 'whole')
+    assert read_summary(cut) == read_summary(whole)
     for name in ('last/model.safetensors', 'model/model.safetensors'):
-        assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 @pytest.mark.parametrize('flags, expected', [

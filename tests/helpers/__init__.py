@@ -102,6 +102,33 @@ def train_main(argv):
         AcceleratorState._reset_state(True)
 
 
+class Interrupted(Exception):
+    """ Stands in for the process being killed at that point. """
+
+
+def stopped_and_resumed(argv, output, monkeypatch, position=(1, 4)):
+    """ (uninterrupted run folder, resumed run folder): train.py `argv` run whole in OUTPUT/whole, and in
+    OUTPUT/cut stopped right after its recovery point at `position` (epoch, updates) was saved, then resumed with
+    the same command. The caller compares the two. """
+    train_main([*argv, '--output', output, '--experiment', 'whole'])
+    train = train_module()
+    save = train.save_state
+
+    def save_then_stop(accelerator, path, meta):
+        saved = save(accelerator, path, meta)
+        if Path(path).name == 'recovery' and tuple(meta['position']) == tuple(position):
+            raise Interrupted(f'stopped after saving the recovery point at {position}')
+        return saved
+
+    import pytest
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'save_state', save_then_stop)
+        with pytest.raises(Interrupted):
+            train_main([*argv, '--output', output, '--experiment', 'cut'])
+    train_main([*argv, '--resume', Path(output) / 'cut'])
+    return Path(output) / 'whole', Path(output) / 'cut'
+
+
 def assert_bad_input(capsys, tmp_path, argv, *expected):
     """ train.py exits with status 2 and one line naming the problem (`expected` words), before training. """
     import pytest
