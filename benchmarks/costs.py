@@ -7,7 +7,7 @@ The step parts come from benchmarks/speed.py (interleaved rounds in one process)
 through `gmix_step` with the default guard ('skip') and with 'undo'. The data pipeline is timed in this process,
 one core, on the image folder of benchmarks/vs_timm.py: images per second of a training batch's worth of
 examples, as a loader worker makes them (uint8 for timm's prefetcher, float with --no-prefetcher, with and without
-the per-example seeding that makes resume exact). Fixed costs are medians of --rounds, each in a fresh process
+the per-example seeding that makes resume exact), and --device-data's augmentation of whole batches. Fixed costs are medians of --rounds, each in a fresh process
 for the imports.
 """
 import argparse
@@ -68,7 +68,33 @@ def data_pipeline(data, rounds: int) -> dict:
             (lambda: train_set.__getitems__([i for _, _, i in keys]))
         fetch()
         rates[name] = len(keys) / seconds(fetch, rounds)
+    rates['--device-data: the same augmentation of batches of 64 on the device (this CPU), drawn per example'] = \
+        device_augmentation(data, rounds)
     return rates
+
+
+def device_augmentation(data, rounds: int) -> float:
+    """ Images/s of --device-data's augmentation (crop, flip, jitter, normalization) on 512 decoded images. """
+    import torch
+    from timm_gmix.training.args import parse_args
+    from timm_gmix.training.data import load_splits
+    from timm_gmix.training.device_data import DeviceAugment, decode, untransformed
+    from timm_gmix.training.factory import create_model
+    from timm_gmix.training.loader import with_transforms
+
+    args = parse_args([str(data), '--model', 'resnet18', '--img-size', '32', '--num-classes', '10', '--device-data'])
+    train, val, num_classes = load_splits(args)
+    train_set, _, data_config = with_transforms(train, val, args, create_model(args, num_classes))
+    images, _ = decode(untransformed(train_set), torch.device('cpu'), 'training')
+    augment = DeviceAugment(args, data_config, torch.device('cpu'))
+    batches = images[:512].split(64)
+
+    def once():
+        for batch in batches:
+            augment(batch)
+
+    once()
+    return 512 / seconds(once, rounds)
 
 
 def fixed_costs(data, rounds: int) -> dict:
