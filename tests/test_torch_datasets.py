@@ -222,6 +222,23 @@ def test_image_folder_through_torchvision(tmp_path):
     assert all(Path(v['path']).parent.parent.name == 'train' for v in train['image'])
 
 
+def test_imagenet_through_torchvision(tmp_path):
+    """ torchvision's ImageNet on an extracted ROOT (meta.bin, train/ and val/ of wnid folders); timm's evaluation
+    names are its val split; class names are each class's first name, with the wnid where two share it. """
+    from PIL import Image
+    meta = {'n01': ('crane', 'grus'), 'n02': ('tench', 'Tinca tinca'), 'n03': ('crane',)}
+    torch.save((meta, []), tmp_path / 'meta.bin')
+    for split, value in (('train', 10), ('val', 200)):
+        for k, wnid in enumerate(meta):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), value + k, np.uint8)).save(tmp_path / split / wnid / f'{i}.png')
+    train, val, num_classes = load_splits(args_for('--dataset', 'torch/imagenet', '--data-dir', tmp_path))
+    assert num_classes == 3 and train.features['label'].names == ['crane (n01)', 'tench', 'crane (n03)']
+    assert train['label'] == val['label'] == [0, 0, 1, 1, 2, 2]
+    assert pixels(train, 2, 'RGB')[0, 0, 0] == 11 and pixels(val, 5, 'RGB')[0, 0, 0] == 202
+
+
 # ----------------------------------------------------------------------------------------------
 # Missing and bad data: one line
 
