@@ -207,7 +207,13 @@ def num_classes_of(splits, label_column: str) -> int:
     feature = splits[0].features[label_column]
     if hasattr(feature, 'num_classes'):
         return feature.num_classes
-    return int(max(np.max(np.asarray(split[label_column])) for split in splits)) + 1
+    return int(max(np.max(label_array(split, label_column)) for split in splits)) + 1
+
+
+def label_array(split, label_column: str) -> np.ndarray:
+    """ The labels of a split as one array, read column-wise (`np.asarray(split[column])` goes row by row through
+    `datasets`' formatting: about a second per 60,000 rows). """
+    return split.with_format('arrow', columns=[label_column])[:].column(label_column).to_numpy()
 
 
 def load_class_map(path) -> list:
@@ -441,7 +447,7 @@ def check_classes(train, val, label_column: str, num_classes: int):
     but no training images (it could only ever count as wrong). A class without validation images, or without
     any images, is a warning: training can go on, as in timm. """
     names = getattr(train.features[label_column], 'names', None) or [str(c) for c in range(num_classes)]
-    in_train, in_val = (np.bincount(np.asarray(split[label_column], dtype=np.int64), minlength=num_classes)
+    in_train, in_val = (np.bincount(label_array(split, label_column).astype(np.int64), minlength=num_classes)
                         for split in (train, val))
     present = np.flatnonzero(in_train)
     if len(present) < 2:
@@ -472,7 +478,7 @@ def load_splits(args):
     train, val = _prepare_columns(train, val, args.input_key, args.target_key, args.class_map)
     num_classes = num_classes_of((train, val), args.target_key)
     for name, split in ((args.train_split, train), (args.val_split, val)):
-        labels = np.asarray(split[args.target_key])
+        labels = label_array(split, args.target_key)
         if labels.min() < 0 or labels.max() >= num_classes:
             raise UsageError(f'labels of split {name!r} run from {labels.min()} to {labels.max()}, outside '
                              f'0..{num_classes - 1}: fix the labels or the label column')
