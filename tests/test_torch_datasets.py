@@ -14,6 +14,7 @@ import hashlib
 import json
 import pickle
 import struct
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -106,11 +107,17 @@ def test_torchvision_layout_reads_what_was_written_as_torchvision_does(name, cls
         assert np.array_equal(pixels(val, i), arrays['t10k-images-idx3-ubyte'][i]), i
 
 
-def test_debian_layout_is_read_as_it_is_and_left_untouched(debian):
+def test_debian_layout_is_read_as_it_is_and_left_untouched(debian, tmp_path, monkeypatch):
+    """ Read-only as the package installs it (the tests may run as root, whom chmod does not stop: nothing new
+    or changed in the folder is the check), with or without --dataset-download (the files are there: no download);
+    the temporary folder the files were decompressed into is gone afterwards. """
     root, arrays = debian
     before = snapshot(root)
-    train, val, _ = load_splits(args_for('--dataset', 'torch/fashion_mnist', '--data-dir', root))
-    assert snapshot(root) == before, 'something was written in the data folder'
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    for download in ([], ['--dataset-download']):
+        train, val, _ = load_splits(args_for('--dataset', 'torch/fashion_mnist', '--data-dir', root, *download))
+        assert snapshot(root) == before, 'something was written in the data folder'
+        assert not any(tmp_path.iterdir()), 'the decompressed files were left behind'
     assert train['label'] == arrays['train-labels-idx1-ubyte'].tolist()
     assert val['label'] == arrays['t10k-labels-idx1-ubyte'].tolist()
     assert all(np.array_equal(pixels(train, i), arrays['train-images-idx3-ubyte'][i]) for i in range(N_TRAIN))
