@@ -257,7 +257,9 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
                      '--dataset-download')
 
 
-def test_download_offline_is_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('name, title, how', [('fashion_mnist', 'Fashion-MNIST', 'apt-get install dataset-fashion-mnist'),
+                                             ('cifar10', 'CIFAR-10', 'download where there is network')])
+def test_download_offline_is_one_line(name, title, how, tmp_path, capsys, monkeypatch):
     """ --dataset-download as in timm (torchvision's download into ROOT); without network, one line. """
     for proxy in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY'):
         monkeypatch.setenv(proxy, 'http://127.0.0.1:9')  # refused at once: offline, whatever this machine has
@@ -265,10 +267,8 @@ def test_download_offline_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv('NO_PROXY', raising=False)
     monkeypatch.setattr(urllib.request, '_opener', None)  # urlopen builds its opener (and proxies) anew
     root = tmp_path / 'data'
-    assert_bad_input(capsys, tmp_path / 'out', ['--dataset', 'torch/fashion_mnist', '--data-dir', root,
-                                                '--dataset-download'],
-                     f'no Fashion-MNIST files in {root}, and --dataset-download could not fetch them',
-                     'apt-get install dataset-fashion-mnist')
+    assert_bad_input(capsys, tmp_path / 'out', ['--dataset', f'torch/{name}', '--data-dir', root, '--dataset-download'],
+                     f'no {title} files in {root}, and --dataset-download could not fetch them', how)
 
 
 def test_damaged_files_are_one_line(tmp_path, capsys):

@@ -68,8 +68,8 @@ def torch_dataset_dict(dataset: str, root, download=False, splits=()):
     if name not in in_memory_classes() and name not in (*FOLDER_NAMES, 'imagenet'):
         raise UsageError(f'{label}: unknown torchvision dataset {name!r} (timm\'s torch/ names: {known()})')
     if not root:
-        raise UsageError(f'{label} needs --data-dir ROOT, the folder that holds the data (or, with --dataset-download, '
-                         f'that it is downloaded into){_how_to_get(name, root)}')
+        raise UsageError(f'{label} needs --data-dir ROOT, the folder that holds the data (with --dataset-download, the '
+                         f'folder it is downloaded into){_how_to_get(name, root) if name in DEBIAN else ""}')
     if name in FOLDER_NAMES or name == 'imagenet':
         built = {split: _folder(name, label, root, split) for split in splits}
     else:
@@ -159,10 +159,8 @@ def _read_in_memory(name, label, root: Path, download, trains) -> dict:
     if not download:
         raise UsageError(f'{label}: no {TITLES[name]} files in {root} (torchvision looks for {_layout(cls, root)})'
                          f'{_how_to_get(name, root)}')
-    try:
-        return {train: _construct(cls, root, train, label, download=True) for train in trains}
-    except UsageError:
-        raise
+    try:  # torchvision downloads (and extracts) in the constructor
+        return {train: cls(str(root), train=train, download=True) for train in trains}
     except Exception as e:  # no network (URLError, RuntimeError with every mirror's error), a folder not writable
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         why = lines[-1] if lines else type(e).__name__
