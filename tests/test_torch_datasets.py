@@ -23,7 +23,7 @@ import pytest
 import torch
 import torchvision
 
-from helpers import assert_bad_input, read_summary, train_main, train_module
+from helpers import assert_bad_input, read_summary, stopped_and_resumed, train_main
 from timm_gmix.training.args import parse_args
 from timm_gmix.training.data import load_splits, read_image
 from timm_gmix.training.errors import UsageError
@@ -305,29 +305,10 @@ def test_train_py_trains_on_it(extra, debian, tmp_path):
     assert config['label_names'] == torchvision.datasets.FashionMNIST.classes
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_one(debian, tmp_path, monkeypatch, capsys):
     root, _ = debian
     run = [*RUN, '--data-dir', root, '--epochs', '2', '--recovery-interval', '2']
-    train_main([*run, '--output', tmp_path, '--experiment', 'whole'])
-    train = train_module()
-    save = train.save_state
-
-    def save_then_stop(accelerator, path, meta):
-        saved = save(accelerator, path, meta)
-        if Path(path).name == 'recovery' and tuple(meta['position']) == (1, 4):
-            raise Interrupted
-        return saved
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, 'save_state', save_then_stop)
-        with pytest.raises(Interrupted):
-            train_main([*run, '--output', tmp_path, '--experiment', 'cut'])
-    train_main([*run, '--resume', tmp_path / 'cut'])
+    whole, cut = stopped_and_resumed(run, tmp_path, monkeypatch)
     assert 'resumed from' in capsys.readouterr().out
-    assert read_summary(tmp_path / 'cut') == read_summary(tmp_path / 'whole')
-    name = 'last/model.safetensors'
-    assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes()
+    assert read_summary(cut) == read_summary(whole)
+    assert (cut / 'last/model.safetensors').read_bytes() == (whole / 'last/model.safetensors').read_bytes()
