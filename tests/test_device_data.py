@@ -251,3 +251,22 @@ def test_every_source_decodes_to_its_own_pixels_and_trains(source, sources, tmp_
     train_main([*flags, '--output', tmp_path, '--experiment', 'run'])
     [row] = read_summary(tmp_path / 'run')
     assert row['train_skipped'] == '0' and float(row['eval_loss']) > 0
+
+
+@pytest.mark.parametrize('box', [(1, 2, 5, 6), (0, 0, 8, 8), (3, 0, 4, 8)])
+def test_a_crop_is_resized_as_pil_resizes_it(box):
+    """ Upscaling a crop (no antialiasing involved) with bilinear interpolation gives PIL's resized_crop, which
+    timm's RandomResizedCropAndInterpolation calls, to within one level of 255 (PIL's fixed-point weights and its
+    uint8 result); the eval transform resizes with PIL too, so training and validation images share one geometry.
+    kornia's crop_and_resize (corner pixel centers onto each other) is off by tens of levels here. """
+    from torchvision.transforms import functional as TF
+    from timm_gmix.training.device_data import crop_grid
+    top, left, h, w = box
+    pixels = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    expected = TF.pil_to_tensor(TF.resized_crop(TF.to_pil_image(pixels), top, left, h, w, [32, 32],
+                                                transforms.InterpolationMode.BILINEAR)).float()
+    corners = torch.tensor([[[left, top], [left + w - 1, top], [left + w - 1, top + h - 1], [left, top + h - 1]]],
+                           dtype=torch.float)
+    out = torch.nn.functional.grid_sample(pixels[None].float(), crop_grid(corners, (8, 8), (32, 32)),
+                                          mode='bilinear', padding_mode='border', align_corners=False)[0]
+    assert (out - expected).abs().max() <= 1.0
