@@ -169,7 +169,7 @@ def test_model_ema_is_validated_and_exported_when_chosen(export_ema, data, tmp_p
 # train.py presets: every YAML file in configs/ except Accelerate's own config files
 PRESETS = [p for p in sorted((ROOT / 'configs').glob('*.yaml'))
            if 'compute_environment' not in yaml.safe_load(p.read_text())]
-DATASET_CLASSES = {'digits': 10, 'hfds/uoft-cs/cifar10': 10, 'hfds/uoft-cs/cifar100': 100}
+DATASET_CLASSES = {'digits': 10, 'hfds/uoft-cs/cifar10': 10, 'hfds/uoft-cs/cifar100': 100, 'torch/fashion_mnist': 10}
 # What the Hub datasets hold (their dataset cards): columns and splits the presets must name.
 HUB_COLUMNS = {'hfds/uoft-cs/cifar10': ('img', 'label'), 'hfds/uoft-cs/cifar100': ('img', 'fine_label')}
 
@@ -192,7 +192,7 @@ def test_preset_builds_without_network(preset):
     args.pretrained = False
     model = create_model(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model)
-    assert data_config['input_size'] == (3, args.img_size, args.img_size)
+    assert data_config['input_size'] == (args.in_chans or 3, args.img_size, args.img_size)
     check_input_size(model, args, data_config['input_size'])
     optimizer = create_optimizer(args, model)
     if args.opt == 'gmix_sam':

@@ -238,7 +238,7 @@ def test_command_measures_an_exported_model(exported, tmp_path):
                                              '(local-dir:OUTPUT/EXP/model)\n'),
     (['--model', 'local-dir:{model}', '--dataset', 'nodata'], "error: unknown --dataset 'nodata': use an image "
                                                               "folder (train.py DIR), hfds/<Hub name or folder>, "
-                                                              "a folder with the data, or digits\n"),
+                                                              "torch/<name>, a folder with the data, or digits\n"),
 ])
 def test_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, model=exported) for a in argv]
