@@ -25,6 +25,7 @@ from timm.utils import ModelEmaV3, accuracy, distribute_bn
 from tqdm import tqdm
 
 from timm_gmix import SensitivityMeter, gmix_step
+from timm_gmix.sam import find_wrapped
 from timm_gmix.training.args import mixed_precision, parse_args, resolve_lr
 from timm_gmix.training.checkpoint import (
     LAST, RECOVERY, CheckpointKeeper, RunLock, Stopped, all_finite, copy_run, describe, load_state, new_run_dir,
@@ -104,21 +105,13 @@ def set_cuda_backends(device: torch.device):
         torch.backends.cudnn.benchmark = True
 
 
-def find_lookahead(optimizer):
-    """ timm's Lookahead in the optimizer, or None: inside Accelerate's wrapper (`.optimizer`), around SAM
-    (`lookahead_gmix_sam`: Lookahead's `_base_optimizer` is SAM) or as SAM's base (`--sam-base lookahead_sgd`). """
-    while optimizer is not None and not hasattr(optimizer, 'sync_lookahead'):
-        optimizer = next((getattr(optimizer, name) for name in ('optimizer', '_base_optimizer', 'base_optimizer')
-                          if getattr(optimizer, name, None) is not None), None)
-    return optimizer
-
-
 @torch.no_grad()
 def sync_lookahead(optimizer):
     """ timm's end-of-epoch `sync_lookahead()`: the weights become the slow weights, one Lookahead update early.
     timm's `update_slow` skips parameters without a gradient, and gradients are None after every update (in
     timm's loop too, where the call therefore changes nothing); they get a zero gradient for the call. """
-    lookahead = find_lookahead(optimizer)
+    # around SAM (lookahead_gmix_sam) or as SAM's base (--sam-base lookahead_sgd), inside Accelerate's wrapper
+    lookahead = find_wrapped(optimizer, lambda o: hasattr(o, 'sync_lookahead'))
     if lookahead is None:
         return
     missing = [p for group in lookahead.param_groups for p in group['params'] if p.requires_grad and p.grad is None]

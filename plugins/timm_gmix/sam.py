@@ -23,7 +23,7 @@ The update count and g_v are part of `state_dict`, so a resumed run continues th
 import functools
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from timm.optim import OptimInfo, create_optimizer_v2, get_optimizer_info
@@ -371,11 +371,21 @@ def keeps_momentum(optimizer: torch.optim.Optimizer) -> bool:
     return all(g.get('betas') is not None and g['betas'][0] > 0 for g in groups)
 
 
+WRAPPED = ('optimizer', '_base_optimizer', 'base_optimizer')  # what Accelerate, timm's Lookahead and SAM wrap
+
+
+def find_wrapped(optimizer, is_it: Callable) -> Optional[torch.optim.Optimizer]:
+    """ The first of `optimizer` and the optimizers it wraps (through Accelerate's `.optimizer`, timm's Lookahead's
+    `_base_optimizer`, SAM's `base_optimizer`) for which `is_it` holds, or None. """
+    while optimizer is not None and not is_it(optimizer):
+        optimizer = next((getattr(optimizer, name) for name in WRAPPED if getattr(optimizer, name, None) is not None),
+                         None)
+    return optimizer
+
+
 def find_sam(optimizer) -> Optional[SAM]:
     """ The SAM inside an optimizer wrapped by Accelerate (`.optimizer`) and/or timm's Lookahead. """
-    while optimizer is not None and not isinstance(optimizer, SAM):
-        optimizer = getattr(optimizer, 'optimizer', None) or getattr(optimizer, '_base_optimizer', None)
-    return optimizer
+    return find_wrapped(optimizer, lambda o: isinstance(o, SAM))
 
 
 def register_sam():

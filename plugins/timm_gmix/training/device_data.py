@@ -20,7 +20,7 @@ Resampling works in float on the device: results differ from PIL's by rounding, 
 image is shrunk and by the bicubic kernel (torch's a = -0.75, PIL's -0.5), not in what is drawn.
 """
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,8 @@ def crop_grid(corners: torch.Tensor, in_size, out_size) -> torch.Tensor:
 def seeded(device: torch.device, *entropy: int):
     """ The CPU generator, python's `random` and numpy (and the device's generator, which RandomErasing's noise
     draws from on CUDA) seeded from `entropy` inside the block, and back as they were after it. """
-    with restored_rngs(), torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+    # restored_rngs forks the CPU generator; the device's is forked only where there is one
+    with restored_rngs(), torch.random.fork_rng(devices=[device]) if device.type == 'cuda' else nullcontext():
         seed_rngs(*entropy)
         if device.type == 'cuda':
             torch.cuda.manual_seed(torch.randint(2 ** 62, ()).item())
