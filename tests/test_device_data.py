@@ -101,6 +101,19 @@ def test_flips_and_interpolations_are_drawn_at_timms_rates():
                          torch.device('cpu')).interpolations == ('bilinear',)
 
 
+def test_flips_mirror_each_resized_crop_as_torchvisions_flips_would():
+    """ The flips are applied by mirroring each crop's sampling grid: exactly the resized crop, flipped where its
+    draw says (checked against kornia's flip modules on the unflipped crops, both interpolations). """
+    augment = DeviceAugment(augment_args(hflip=0.5, vflip=0.5, color_jitter=0.0), data_config(12), torch.device('cpu'))
+    images = torch.randint(0, 256, (64, 3, 20, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(4)
+    params = augment.draw(images.shape)
+    assert 0 < params['hflip']['batch_prob'].sum() < 64 and 0 < params['vflip']['batch_prob'].sum() < 64
+    unflipped = augment.apply(images, {k: v for k, v in params.items() if k not in ('hflip', 'vflip')})
+    expected = augment.vflip(augment.hflip(unflipped, params=params['hflip']), params=params['vflip'])
+    assert torch.equal(augment.apply(images, params), expected)
+
+
 def test_color_jitter_factors_are_torchvisions():
     """ timm's --color-jitter 0.4 is torchvision's ColorJitter(0.4, 0.4, 0.4): factors per image, uniform in
     [0.6, 1.4]; --color-jitter-prob applies it to that share of the images; with --aa it is off, as in timm. """

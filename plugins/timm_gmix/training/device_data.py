@@ -12,7 +12,7 @@ What runs per batch, in timm's order (`timm.data.create_transform` with its pref
                                         and log-aspect, the first that fits, else a center crop); `grid_sample`
                                         resamples them with PIL's geometry (`crop_grid`), each example with its
                                         own interpolation for --train-interpolation random
-    RandomHorizontalFlip, VerticalFlip  kornia, per example
+    RandomHorizontalFlip, VerticalFlip  kornia draws them per example; applied by mirroring the crop's grid
     ColorJitter (--color-jitter, off    kornia's torchvision-compatible ColorJitter: factors per example; the order
     with --aa; --color-jitter-prob)     of the four adjustments is drawn per batch (torchvision: per image)
     normalize, RandomErasing            as the prefetcher: x - 255 mean, / 255 std, then timm's own RandomErasing
@@ -131,14 +131,23 @@ class DeviceAugment:
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         x = images.float().div_(255)
         grid = crop_grid(params['crop']['src'].to(x.device), x.shape[-2:], self.size)
-        out = x.new_empty((len(x), x.shape[1], *self.size))
-        for k, mode in enumerate(self.interpolations):
-            rows = (params['interpolation'] == k).nonzero().squeeze(1).to(x.device)
-            if len(rows):
-                out[rows] = F.grid_sample(x[rows], grid[rows], mode=mode, padding_mode='border', align_corners=False)
-        for name in ('hflip', 'vflip', 'jitter'):
+        # A flip of the resized crop is the same samples in mirrored order: flipping the grid is exact and saves
+        # kornia's flip modules (half a millisecond each per 128 images on this CPU)
+        for name, axis in (('hflip', 2), ('vflip', 1)):
             if name in params:
-                out = getattr(self, name)(out.clamp_(0, 1) if name == 'jitter' else out, params=params[name])
+                flipped = params[name]['batch_prob'].to(x.device, torch.bool).view(-1, 1, 1, 1)
+                grid = torch.where(flipped, grid.flip(axis), grid)
+        if len(self.interpolations) == 1:
+            out = F.grid_sample(x, grid, mode=self.interpolations[0], padding_mode='border', align_corners=False)
+        else:
+            out = x.new_empty((len(x), x.shape[1], *self.size))
+            for k, mode in enumerate(self.interpolations):
+                rows = (params['interpolation'] == k).nonzero().squeeze(1).to(x.device)
+                if len(rows):
+                    out[rows] = F.grid_sample(x[rows], grid[rows], mode=mode, padding_mode='border',
+                                              align_corners=False)
+        if 'jitter' in params:
+            out = self.jitter(out.clamp_(0, 1), params=params['jitter'])
         out = out.mul_(255).sub_(self.mean).div_(self.std)
         return self.erase(out) if self.erase is not None else out
 
