@@ -2,6 +2,7 @@
 
     python benchmarks/sharpness.py                 # after benchmarks/accuracy.py; stop and rerun to continue
     python benchmarks/sharpness.py --report-only   # rebuild the table and plots from the CSV
+    python benchmarks/sharpness.py --suite digits  # the previous benchmark's digits models
 
 Every final model that benchmarks/accuracy.py keeps (benchmarks/cache/accuracy/<arch>/<method>/seed<k>/, a
 train.py export in model/ and its run.json: arch, method, seed, hparams, argv, test_top1) is measured with
@@ -17,9 +18,10 @@ power iteration of at most 10 steps stopped at 1% change, and 4 s for the trace,
 the rest 3.5 s); the benchmark's test_vit (2 blocks, 32x32) about 5 s on 64 examples. The eigenvalue and trace are
 estimates, compared across methods under the same settings, examples and seeds.
 
-Each run's numbers are appended to sharpness_runs.csv as they come; a rerun skips the runs already there.
-Writes sharpness.md (mean ± std over seeds per architecture and method, with test accuracy and the rank
-correlation of each measure with test accuracy over runs), sharpness_curves.png and sharpness_scatter.png.
+Each run's numbers are appended to sharpness_runs.csv (--suite digits: sharpness_digits_runs.csv) as they come; a
+rerun skips the runs already there. Writes sharpness.md (sharpness_digits.md; mean ± std over seeds per architecture and method, with test accuracy and the rank
+correlation of each measure with test accuracy over runs), sharpness_curves.png and sharpness_scatter.png (with
+_digits before the extension for the digits).
 """
 import argparse
 import json
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from accuracy import METHODS
+from accuracy import ARCHS, METHODS
 from runs_csv import RunsCSV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +50,10 @@ MEASURES = {  # CSV column: label in the table and plots
 FIELDS = ['run', 'arch', 'method', 'seed', 'hparams', 'test_top1', *MEASURES, 'loss_curve', 'num_examples', 'seconds']
 
 
-def find_runs(cache: Path) -> list:
-    """ The run folders under `cache` (each holding run.json and model/), in sorted order. """
-    return sorted(p.parent for p in cache.glob('*/*/*/run.json') if (p.parent / 'model').is_dir())
+def find_runs(cache: Path, suite: str) -> list:
+    """ The run folders of the suite's arms under `cache` (each holding run.json and model/), in sorted order. """
+    return sorted(p.parent for p in cache.glob('*/*/*/run.json') if (p.parent / 'model').is_dir()
+                  and ARCHS.get(p.parents[2].name, {}).get('suite') == suite)
 
 
 def measure_run(run_dir: Path, cache: Path, num_examples: int, settings: dict) -> dict:
@@ -70,11 +73,12 @@ def measure_run(run_dir: Path, cache: Path, num_examples: int, settings: dict) -
             'num_examples': sum(len(y) for _, y in batches), 'seconds': round(time.time() - start, 1)}
 
 
-def measure_all(cache: Path, runs: RunsCSV, workers: int, num_examples: int, settings: dict, seeds=None):
+def measure_all(cache: Path, suite: str, runs: RunsCSV, workers: int, num_examples: int, settings: dict,
+                seeds=None):
     """ Measure every run under `cache` (of seeds 1..`seeds`, if given) not yet in `runs`, appending each row as it
     finishes. """
     done = {r['run'] for r in runs.rows}
-    todo = [r for r in find_runs(cache) if r.relative_to(cache).as_posix() not in done
+    todo = [r for r in find_runs(cache, suite) if r.relative_to(cache).as_posix() not in done
             and (seeds is None or int(r.name.removeprefix('seed')) <= seeds)]
     print(f'{len(done)} runs already measured, {len(todo)} to go', flush=True)
     for i, row in enumerate(measured(todo, cache, workers, num_examples, settings), 1):
@@ -118,9 +122,9 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def report(rows, out_dir: Path, command: str):
+def report(rows, out_dir: Path, command: str, tag: str):
     lines = ['# Flatness of the accuracy benchmark\'s final models', '',
-             f'Reproduce: `{command}` (results: `sharpness_runs.csv`).', '',
+             f'Reproduce: `{command}` (results: `sharpness{tag}_runs.csv`).', '',
              f'Measured with `timm_gmix.sharpness` on the first {rows[0]["num_examples"] if rows else "?"} training '
              f'examples of each run (eval transform), batch {BATCH_SIZE}, settings `{json.dumps(SETTINGS)}`. '
              f'Mean ± standard deviation over seeds; test top-1 (%) from the accuracy benchmark. Lower is '
@@ -138,9 +142,9 @@ def report(rows, out_dir: Path, command: str):
                                  for k, label in MEASURES.items())
         lines += ['', f'Spearman rank correlation with test top-1 over all {len(runs)} runs: {correlations} '
                       f'(negative: flatter runs were more accurate).', '']
-    (out_dir / 'sharpness.md').write_text('\n'.join(lines) + '\n')
-    plot_curves(rows, out_dir / 'sharpness_curves.png')
-    plot_scatter(rows, out_dir / 'sharpness_scatter.png')
+    (out_dir / f'sharpness{tag}.md').write_text('\n'.join(lines) + '\n')
+    plot_curves(rows, out_dir / f'sharpness{tag}_curves.png')
+    plot_scatter(rows, out_dir / f'sharpness{tag}_scatter.png')
     print('\n'.join(lines))
 
 
@@ -191,6 +195,7 @@ def plot_scatter(rows, path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--suite', default='fashion_mnist', choices=('fashion_mnist', 'digits'))
     parser.add_argument('--cache', default=str(CACHE), help='the accuracy benchmark\'s kept runs')
     parser.add_argument('--out', default=str(RESULTS), help='folder of sharpness_runs.csv and the report')
     parser.add_argument('--workers', type=int, default=2)
@@ -200,16 +205,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = RunsCSV(out_dir / 'sharpness_runs.csv', FIELDS)
+    tag = '' if args.suite == 'fashion_mnist' else f'_{args.suite}'
+    runs = RunsCSV(out_dir / f'sharpness{tag}_runs.csv', FIELDS)
     if not args.report_only:
-        measure_all(Path(args.cache), runs, args.workers, args.num_examples, SETTINGS, args.seeds)
+        measure_all(Path(args.cache), args.suite, runs, args.workers, args.num_examples, SETTINGS, args.seeds)
     rows = runs.rows
     if not rows:
         sys.exit(f'error: no measured runs in {runs.path}: run benchmarks/accuracy.py first (it keeps its final '
                  f'models in {args.cache}), then this without --report-only')
-    report(rows, out_dir, 'python benchmarks/sharpness.py' + (
+    report(rows, out_dir, 'python benchmarks/sharpness.py' + (f' --suite {args.suite}' if tag else '') + (
         f' --num-examples {args.num_examples}' if args.num_examples != 128 else '') + (
-        f' --seeds {args.seeds}' if args.seeds else ''))
+        f' --seeds {args.seeds}' if args.seeds else ''), tag)
 
 
 if __name__ == '__main__':
