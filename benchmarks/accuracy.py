@@ -103,28 +103,29 @@ def fmnist(name):
 
 
 # Per arm: its suite, train.py flags shared by every method, the optimizer, its lr, the speed.py flags of the same
-# step (None: the suite's CNN arm's), the seeds of the final runs and the methods run (None: all).
+# step (None: the suite's CNN arm's), the seeds of the final runs, the methods run (None: all) and, for --sizing,
+# the arm of the same model whose runs it scales by training images x epochs (none: it is sized itself).
 ARCHS = {
     'fmnist-control': dict(suite='fashion_mnist', argv=['--dataset', fmnist('fmnist_4k_40pct_noise'), *FMNIST_CNN,
-                                                        '--epochs', '15'],
-                           base='sgd', lr=0.05, speed=None, seeds=5, methods=CONTROL_METHODS),
-    'fmnist-cnn': dict(suite='fashion_mnist', argv=['--dataset', fmnist('fmnist_2k'), *FMNIST_CNN, '--epochs', '20'],
+                                                        '--epochs', '20'],
+                           base='sgd', lr=0.05, speed=None, seeds=5, methods=CONTROL_METHODS, sized_as='fmnist-cnn'),
+    'fmnist-cnn': dict(suite='fashion_mnist', argv=['--dataset', fmnist('fmnist_2k'), *FMNIST_CNN, '--epochs', '30'],
                        base='sgd', lr=0.05, seeds=5, methods=FMNIST_METHODS,
                        speed=['--model', 'resnet10t', '--img-size', '28', '-b', '64', '--opt', 'sgd']),
     'fmnist-vit': dict(suite='fashion_mnist', argv=['--dataset', fmnist('fmnist_2k'), '--model', 'test_vit',
                                                     '--in-chans', '1', '--img-size', '28', '-b', '64',
                                                     '--model-kwargs',
                                                     *[f'{k}={v}' for k, v in FMNIST_VIT_KWARGS.items()], '--gp', 'avg',
-                                                    '--epochs', '20', '--warmup-epochs', '2', '--lr', '2e-3',
+                                                    '--epochs', '30', '--warmup-epochs', '2', '--lr', '2e-3',
                                                     '--weight-decay', '0.05'],
                        base='adamw', lr=2e-3, seeds=5, methods=FMNIST_METHODS,
                        speed=['--model', 'test_vit', '--model-kwargs',
                               json.dumps({**FMNIST_VIT_KWARGS, 'global_pool': 'avg'}), '--img-size', '28', '-b', '64',
                               '--opt', 'adamw']),
     'fmnist-noisy': dict(suite='fashion_mnist', argv=['--dataset', fmnist('fmnist_2k_20pct_noise'), *FMNIST_CNN,
-                                                      '--epochs', '20'],
-                         base='sgd', lr=0.05, speed=None, seeds=5,
-                         methods=(*CONTROL_METHODS, 'DG-Mix')),
+                                                      '--epochs', '30'],
+                         base='sgd', lr=0.05, speed=None, seeds=5, methods=(*CONTROL_METHODS, 'DG-Mix'),
+                         sized_as='fmnist-cnn'),
     'control': dict(suite='digits', argv=['--dataset', str(CACHE / 'digits_all_40pct_noise'), *CNN, '--epochs',
                                           str(CONTROL_EPOCHS)],
                     base='sgd', lr=0.05, speed=None, seeds=5, methods=CONTROL_METHODS),
@@ -263,7 +264,7 @@ def build_data(suite):
 def train_argv(arch, method, hparams, seed, split):
     fixed = METHODS[method][0]
     base = ARCHS[arch]['base']
-    return [*SUITES[ARCHS[arch]['suite']][0], *ARCHS[arch]['argv'], *[a.format(base=base) for a in fixed],
+    return [*SUITES[ARCHS[arch]['suite']]['common'], *ARCHS[arch]['argv'], *[a.format(base=base) for a in fixed],
             *itertools.chain.from_iterable((k, f'{v:g}') for k, v in hparams.items()),
             '--seed', str(seed), '--val-split', split]
 
@@ -427,6 +428,7 @@ def final_jobs(rows, arms):
 
 
 SIZING_VALUES = {'--rho': 0.05, '--mixup': 0.2, '--sam-reuse': 0.1}  # the papers' values, for methods tuned later
+SIZED_AS = {ERM_SHARED_LR: 'ERM'}  # its run is ERM's at the arm's lr, which sizing trains
 
 
 def sizing_config(arch, method):
@@ -445,10 +447,12 @@ def sizing_jobs(arms):
     """ One run of each method: a tuning run where its configuration starts the method's grid (the one-parameter
     methods), else a "size" run that tuning does not count. """
     jobs = []
-    for arch in arms:
+    for arch in dict.fromkeys(ARCHS[arch].get('sized_as', arch) for arch in arms):
         for method in methods_of(arch):
+            if method in SIZED_AS:
+                continue
             config = sizing_config(arch, method)
-            phase = 'tune' if config in (start_grid([], arch, method) or []) else 'size'
+            phase = 'tune' if METHODS[method][1] and config in (start_grid([], arch, method) or []) else 'size'
             jobs.append((arch, method, phase, config, TUNING_SEED, 'validation'))
     return jobs
 
@@ -463,26 +467,41 @@ def planned_runs(arch, method):
     return (grid + tuned_flags if starts else 0), ARCHS[arch]['seeds']
 
 
+def work(arch) -> int:
+    """ Training images x epochs of one run of `arch` (a Fashion-MNIST arm). """
+    argv = ARCHS[arch]['argv']
+    name = Path(argv[argv.index('--dataset') + 1]).name
+    return FASHION_MNIST[name][0] * int(argv[argv.index('--epochs') + 1])
+
+
 def sizing_report(rows, arms, workers) -> list:
-    """ The sizing table: each method's measured run and what the planned runs of it cost. """
+    """ The sizing table: each method's measured run (or, for an arm sized as another, that run scaled by the work)
+    and what the planned runs of it cost. """
     lines = ['## Sizing: one run of each method, and the benchmark it implies', '',
-             f'`python benchmarks/accuracy.py --sizing`: each method trained once ({workers} workers side by side, '
-             f'one thread each, as the benchmark runs). Planned runs: the start grid, one extension per tuned flag, '
-             f'the final seeds.', '',
+             f'`python benchmarks/accuracy.py --sizing`: each method trained once on each model ({workers} workers '
+             f'side by side, one thread each, as the benchmark runs); an arm of the same model is that run times its '
+             f'training images x epochs over the measured arm\'s. Planned runs: the start grid, one extension per '
+             f'tuned flag, the final seeds.', '',
              '| arm | method | one run (s) | planned tuning + final runs | core-hours |',
              '| --- | --- | ---: | ---: | ---: |']
     total = 0.0
     for arch in arms:
+        measured = ARCHS[arch].get('sized_as', arch)
+        scale = work(arch) / work(measured) if measured != arch else 1.0
         for method in methods_of(arch):
-            config = json.dumps(sizing_config(arch, method), sort_keys=True)
-            times = [float(r['seconds']) for r in rows if (r['arch'], r['method'], r['hparams']) == (arch, method, config)
+            sized = SIZED_AS.get(method, method)
+            config = json.dumps(sizing_config(measured, sized), sort_keys=True)
+            times = [float(r['seconds']) for r in rows
+                     if (r['arch'], r['method'], r['hparams']) == (measured, sized, config)
                      and r['phase'] in ('size', 'tune') and int(r['seed']) == TUNING_SEED]
             if not times:
                 continue
+            seconds = times[-1] * scale
             tune, final = planned_runs(arch, method)
-            cost = times[-1] * (tune + final)
-            total += cost
-            lines.append(f'| {arch} | {method} | {times[-1]:.0f} | {tune} + {final} | {cost / 3600:.2f} |')
+            total += seconds * (tune + final)
+            estimate = '' if measured == arch else f' (from {measured}: x{scale:.2f})'
+            lines.append(f'| {arch} | {method} | {seconds:.0f}{estimate} | {tune} + {final} | '
+                         f'{seconds * (tune + final) / 3600:.2f} |')
     lines += ['', f'Total: {total / 3600:.1f} core-hours, about {total / 3600 / workers:.1f} hours with {workers} '
                   f'workers.', '']
     return lines
