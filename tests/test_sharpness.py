@@ -251,7 +251,8 @@ def test_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
 
 def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     """ benchmarks/sharpness.py on kept runs: the CSV row holds the library's numbers on the run's first training
-    examples, `--seeds 1` leaves seed 2 for a later run, and a rerun measures nothing again. """
+    examples, `--seeds 1` leaves seed 2 for a later run, a rerun measures nothing again, and the runs of another
+    suite's arms (the digits' `vit`) are left to `--suite digits`. """
     benchmarks = Path(__file__).resolve().parents[1] / 'benchmarks'
     monkeypatch.syspath_prepend(str(benchmarks))  # as when it runs as a script: its sibling modules
     spec = importlib.util.spec_from_file_location('sharpness_benchmark', benchmarks / 'sharpness.py')
@@ -260,14 +261,17 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, 'SETTINGS', {**bench.SETTINGS, 'iters': 2, 'trace_samples': 1, 'noise_samples': 1})
 
-    run_dir = tmp_path / 'cache' / 'vit' / 'g-mix' / 'seed1'
+    run_dir = tmp_path / 'cache' / 'fmnist-vit' / 'g-mix' / 'seed1'
     argv = ['--dataset', 'digits', '--model', 'test_vit', '--train-subset', '0.2', '--seed', '1']
     torch.manual_seed(0)
     model = timm.create_model('test_vit', num_classes=10, img_size=16, patch_size=4)
     export_model(model, run_dir / 'model', parse_args(argv), DATA_CONFIG, CARD)
-    (run_dir / 'run.json').write_text(json.dumps({'arch': 'vit', 'method': 'G-Mix', 'seed': 1, 'argv': argv,
-                                                  'hparams': {'--rho': 0.05}, 'test_top1': 87.5}))
+    (run_dir / 'run.json').write_text(json.dumps({'arch': 'fmnist-vit', 'method': 'G-Mix', 'seed': 1,
+                                                  'argv': argv, 'hparams': {'--rho': 0.05}, 'test_top1': 87.5}))
     shutil.copytree(run_dir, run_dir.with_name('seed2'))
+    digits_run = tmp_path / 'cache' / 'vit' / 'g-mix' / 'seed1'
+    shutil.copytree(run_dir, digits_run)
+    (digits_run / 'run.json').write_text((run_dir / 'run.json').read_text().replace('fmnist-vit', 'vit'))
     out = tmp_path / 'results'
     cli = ['--cache', str(tmp_path / 'cache'), '--out', str(out), '--workers', '1', '--num-examples', '5']
     bench.main([*cli, '--seeds', '1'])
@@ -282,13 +286,17 @@ def test_benchmark_measures_each_kept_run_once(tmp_path, monkeypatch):
     assert {k: float(row[k]) for k in bench.MEASURES} == {k: expected[k] for k in bench.MEASURES}
     assert json.loads(row['loss_curve']) == expected['loss_curve']
     assert (row['run'], row['arch'], row['method'], row['seed'], row['test_top1'], row['num_examples']) == (
-        'vit/g-mix/seed1', 'vit', 'G-Mix', '1', '87.5', '5')
+        'fmnist-vit/g-mix/seed1', 'fmnist-vit', 'G-Mix', '1', '87.5', '5')
     assert sorted(p.name for p in out.iterdir()) == ['sharpness.md', 'sharpness_curves.png', 'sharpness_runs.csv',
                                                      'sharpness_scatter.png']
 
     bench.main(cli)  # seed 2 now: the same model and examples, so the same numbers
     rows = bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows
     assert rows[0] == row and {**rows[1], 'run': row['run'], 'seconds': row['seconds']} == row
-    assert rows[1]['run'] == 'vit/g-mix/seed2'
+    assert rows[1]['run'] == 'fmnist-vit/g-mix/seed2'
     bench.main(cli)  # nothing left to measure
     assert bench.RunsCSV(out / 'sharpness_runs.csv', bench.FIELDS).rows == rows
+    bench.main([*cli, '--suite', 'digits'])
+    (digits,) = bench.RunsCSV(out / 'sharpness_digits_runs.csv', bench.FIELDS).rows
+    assert (digits['run'], digits['arch']) == ('vit/g-mix/seed1', 'vit')
+    assert (out / 'sharpness_digits.md').is_file()
