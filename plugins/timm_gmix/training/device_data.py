@@ -137,15 +137,17 @@ class DeviceAugment:
             if name in params:
                 flipped = params[name]['batch_prob'].to(x.device, torch.bool).view(-1, 1, 1, 1)
                 grid = torch.where(flipped, grid.flip(axis), grid)
-        if len(self.interpolations) == 1:
-            out = F.grid_sample(x, grid, mode=self.interpolations[0], padding_mode='border', align_corners=False)
+        def resample(rows, mode):
+            return F.grid_sample(x[rows], grid[rows], mode=mode, padding_mode='border', align_corners=False)
+
+        if len(self.interpolations) == 1:  # the whole batch, without a gather and scatter
+            out = resample(slice(None), self.interpolations[0])
         else:
             out = x.new_empty((len(x), x.shape[1], *self.size))
             for k, mode in enumerate(self.interpolations):
                 rows = (params['interpolation'] == k).nonzero().squeeze(1).to(x.device)
                 if len(rows):
-                    out[rows] = F.grid_sample(x[rows], grid[rows], mode=mode, padding_mode='border',
-                                              align_corners=False)
+                    out[rows] = resample(rows, mode)
         if 'jitter' in params:
             out = self.jitter(out.clamp_(0, 1), params=params['jitter'])
         out = out.mul_(255).sub_(self.mean).div_(self.std)
